@@ -1,0 +1,24 @@
+"""The bridge from a generator's tokens to the guard's vocabulary.
+
+``SourceDecoder`` turns generator ids into text with exact spans;
+``adapter.retokenize`` turns that text into stable Qwen3 ids.
+"""
+
+from adapter.errors import (
+    AdapterError,
+    RollbackError,
+    StreamFinishedError,
+    TokenIdError,
+    UnsupportedTokenizerError,
+)
+from adapter.source import SourceDecoder, SourcePiece
+
+__all__ = [
+    "AdapterError",
+    "RollbackError",
+    "SourceDecoder",
+    "SourcePiece",
+    "StreamFinishedError",
+    "TokenIdError",
+    "UnsupportedTokenizerError",
+]

