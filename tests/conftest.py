@@ -39,3 +39,19 @@ def qwen_ordinary(qwen):
 def generator(request):
     """(name, tokenizer) for every real generator tokenizer we support."""
     return request.param, generator_tokenizer(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random Qwen3Guard-Stream checkpoint in the real layout (sharded)."""
+    from adapter.bundled_tokenizers import qwen3_tokenizer_path
+    from guard.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-guard"), tokenizer_json=qwen3_tokenizer_path(), shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_guard(tiny_checkpoint):
+    from guard import StreamGuard
+
+    return StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")

@@ -1,0 +1,36 @@
+"""Errors raised by ``guard``; each says what is wrong and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ContextLengthError",
+    "GuardError",
+    "SessionClosedError",
+    "SessionStateError",
+    "TokenIdError",
+]
+
+
+class GuardError(Exception):
+    """Base class of every error raised by ``guard``."""
+
+
+class CheckpointError(GuardError, ValueError):
+    """The checkpoint is not a usable Qwen3Guard-Stream checkpoint."""
+
+
+class TokenIdError(GuardError, ValueError):
+    """An id outside the guard's vocabulary, or a control id where text belongs."""
+
+
+class ContextLengthError(GuardError, ValueError):
+    """Appending would go past the model's maximum positions."""
+
+
+class SessionStateError(GuardError, RuntimeError):
+    """The session cannot do that now (no prompt yet, rollback past the prompt, ...)."""
+
+
+class SessionClosedError(SessionStateError):
+    """The session was closed; start a new one with ``StreamGuard.session()``."""

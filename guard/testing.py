@@ -1,0 +1,191 @@
+"""Tiny random Qwen3Guard-Stream checkpoints in the real on-disk layout.
+
+Real weights cannot be fetched in tests or on a fresh machine, so this writes
+what a real checkpoint folder holds (config.json with the real field names
+and label maps, safetensors, the real Qwen3 tokenizer files), only small and
+random; ``StreamGuard.from_pretrained`` then loads it through the same code as
+a real one. Verdicts of a random checkpoint are meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["LABEL_MAPS", "write_tiny_checkpoint"]
+
+LABEL_MAPS = {
+    "response_risk_level_map": {"0": "Safe", "1": "Unsafe", "2": "Controversial"},
+    "response_category_map": {
+        "0": "Violent",
+        "1": "Sexual Content or Sexual Acts",
+        "2": "Suicide & Self-Harm",
+        "3": "Politically Sensitive Topics",
+        "4": "PII",
+        "5": "Copyright Violation",
+        "6": "Non-violent Illegal Acts",
+        "7": "Unethical Acts",
+    },
+    "query_risk_level_map": {"0": "Safe", "1": "Unsafe", "2": "Controversial"},
+}
+LABEL_MAPS["query_category_map"] = {**LABEL_MAPS["response_category_map"], "8": "Jailbreak"}
+
+QWEN3_VOCAB_SIZE = 151936  # embedding rows of every Qwen3 checkpoint (the tokenizer uses 151669)
+
+
+def _config(
+    *, hidden_size: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+    inner: int, max_positions: int, dtype: torch.dtype,
+) -> dict:  # fmt: skip
+    return {
+        "architectures": ["Qwen3ForGuardModel"],
+        "auto_map": {"AutoModel": "modeling_qwen3_guard.Qwen3ForGuardModel"},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": max_positions,
+        "max_window_layers": layers,
+        "model_type": "qwen3",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": QWEN3_VOCAB_SIZE,
+        "guard_inner_size": inner,
+        "num_risk_level": 3,
+        "num_category": 8,
+        "num_query_risk_level": 3,
+        "num_query_category": 9,
+        **LABEL_MAPS,
+    }
+
+
+def _mark_unsafe(tensors: dict[str, torch.Tensor], token_ids: list[int]) -> None:
+    """Make the response head call exactly these tokens Unsafe (category 0).
+
+    Every token embedding gets a large constant in hidden dimension 1, the
+    chosen tokens a ten times larger one in dimension 0; these dominate the
+    residual stream of a small random model, so after the final RMSNorm
+    dimension 0 is about sqrt(hidden) at the chosen tokens and about 0
+    elsewhere, and dimension 1 the other way round. The head reads just those
+    two dimensions: Unsafe from the first, Safe from the second.
+    """
+    embeddings = tensors["model.embed_tokens.weight"]
+    embeddings[:, 0] = 0.0
+    embeddings[:, 1] = 1.0
+    embeddings[token_ids, 0] = 10.0
+    pre = torch.zeros_like(tensors["risk_level_category_pre.weight"])
+    pre[0, 0] = pre[1, 1] = 1.0
+    tensors["risk_level_category_pre.weight"] = pre
+    tensors["risk_level_category_layernorm.weight"] = torch.ones_like(tensors["risk_level_category_layernorm.weight"])
+    risk = torch.zeros_like(tensors["risk_level_head.weight"])
+    risk[1, 0] = 10.0  # Unsafe ← dimension 0
+    risk[0, 1] = 10.0  # Safe ← dimension 1
+    tensors["risk_level_head.weight"] = risk
+    category = torch.zeros_like(tensors["category_head.weight"])
+    category[0, 0] = 10.0
+    tensors["category_head.weight"] = category
+
+
+def write_tiny_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    tokenizer_json: str | os.PathLike[str],
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate: int = 128,
+    inner: int = 32,
+    max_positions: int = 40960,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 1,
+    seed: int = 0,
+    unsafe_token_ids: Iterable[int] = (),
+    drop: Iterable[str] = (),
+    as_causal_lm: bool = False,
+) -> Path:
+    """Write a random checkpoint; return its folder.
+
+    ``tokenizer_json``: the Qwen3 tokenizer.json to ship with it (e.g.
+    ``adapter.bundled_tokenizers.qwen3_tokenizer_path()``); the files beside
+    it (tokenizer_config.json, vocab.json) are copied too.
+
+    ``unsafe_token_ids``: guard tokens the response head must call Unsafe.
+    ``drop``: tensor names to leave out; ``as_causal_lm``: write what a
+    ``Qwen3ForCausalLM`` export of the model holds (an lm_head, no guard
+    heads, no guard config fields) to test that such a copy is refused.
+    """
+    from guard.config import guard_labels
+    from guard.model import Qwen3GuardStream
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _config(
+        hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, inner=inner, max_positions=max_positions, dtype=dtype,
+    )  # fmt: skip
+    from transformers import Qwen3Config
+
+    torch.manual_seed(seed)
+    model = Qwen3GuardStream(Qwen3Config.from_dict(config), guard_labels(config))
+    tensors = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    # transformers' init leaves RMSNorm weights at 1; make them random too so
+    # tests notice a norm that is skipped or applied twice.
+    for key, value in tensors.items():
+        if key.endswith("norm.weight"):
+            tensors[key] = 1.0 + 0.1 * torch.randn_like(value)
+    if unsafe := sorted(set(unsafe_token_ids)):
+        _mark_unsafe(tensors, unsafe)
+    if as_causal_lm:
+        tensors = {key: value for key, value in tensors.items() if key.startswith("model.")}
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        config = {key: value for key, value in config.items() if "guard" not in key and "risk" not in key}
+        config = {key: value for key, value in config.items() if "categor" not in key}
+        config["architectures"] = ["Qwen3ForCausalLM"]
+        config.pop("auto_map")
+    for key in drop:
+        tensors.pop(key)
+    tensors = {key: value.to(dtype).contiguous() for key, value in tensors.items()}
+
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    keys = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for shard in range(shards):
+            name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+            part = {key: tensors[key] for key in keys[shard::shards]}
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        total = sum(tensor.nbytes for tensor in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    tokenizer_folder = Path(tokenizer_json).parent
+    shutil.copy(tokenizer_json, folder / "tokenizer.json")
+    for name in ("tokenizer_config.json", "vocab.json"):
+        if (tokenizer_folder / name).is_file():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
