@@ -11,10 +11,13 @@ from adapter.errors import (
     TokenIdError,
     UnsupportedTokenizerError,
 )
+from adapter.guard_adapter import GuardAdapter, JudgedPiece
 from adapter.source import SourceDecoder, SourcePiece
 
 __all__ = [
     "AdapterError",
+    "GuardAdapter",
+    "JudgedPiece",
     "RollbackError",
     "SourceDecoder",
     "SourcePiece",

@@ -62,6 +62,10 @@ class GuardSession:
     # --- state -----------------------------------------------------------
 
     @property
+    def guard(self) -> StreamGuard:
+        return self._guard
+
+    @property
     def position(self) -> int:
         """Tokens the session holds: prompt, scaffold and response."""
         return self._position

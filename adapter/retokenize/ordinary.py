@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from adapter.errors import UnsupportedTokenizerError
 
-__all__ = ["OrdinaryTokenizer", "encode_ordinary", "ordinary_tokenizer"]
+__all__ = ["OrdinaryTokenizer", "cached_ordinary_tokenizer", "encode_ordinary", "ordinary_tokenizer"]
 
 # The GPT-4-style pre-tokenizer patterns whose stability rules
 # boundaries.stable_word_count proves, keyed by the longest digit run they
@@ -98,11 +98,24 @@ def ordinary_tokenizer(tokenizer: Any) -> OrdinaryTokenizer:
     return OrdinaryTokenizer(Tokenizer.from_str(json.dumps(spec)), normalizes_nfc, max_digits)
 
 
-# encode_ordinary is a convenience for one-off calls; building the copy costs
-# far more than encoding, so keep the last few copies (and their originals,
-# which keeps the id() keys valid).
+# Building the copy costs far more than encoding (a JSON round trip of the
+# whole vocabulary), so keep the last few copies, with their originals, which
+# keeps the id() keys valid.
 _CACHE: dict[int, tuple[Any, OrdinaryTokenizer]] = {}
 _CACHE_SIZE = 4
+
+
+def cached_ordinary_tokenizer(tokenizer: Any) -> OrdinaryTokenizer:
+    """``ordinary_tokenizer(tokenizer)``, built once per tokenizer object."""
+    if isinstance(tokenizer, OrdinaryTokenizer):
+        return tokenizer
+    cached = _CACHE.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        cached = (tokenizer, ordinary_tokenizer(tokenizer))
+        _CACHE[id(tokenizer)] = cached
+    return cached[1]
 
 
 def encode_ordinary(tokenizer: Any, text: str) -> list[int]:
@@ -112,12 +125,4 @@ def encode_ordinary(tokenizer: Any, text: str) -> list[int]:
     Equals ``tokenizer.encode(text, add_special_tokens=False).ids`` whenever the
     text contains no added-token string.
     """
-    if isinstance(tokenizer, OrdinaryTokenizer):
-        return tokenizer.encode(text)
-    cached = _CACHE.get(id(tokenizer))
-    if cached is None or cached[0] is not tokenizer:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        cached = (tokenizer, ordinary_tokenizer(tokenizer))
-        _CACHE[id(tokenizer)] = cached
-    return cached[1].encode(text)
+    return cached_ordinary_tokenizer(tokenizer).encode(text)

@@ -103,6 +103,17 @@ class StableRetokenizer:
         return self._emitted
 
     @property
+    def emitted_text_length(self) -> int:
+        """Characters covered by the tokens emitted so far."""
+        return self._held_start
+
+    def text(self, start: int, end: int) -> str:
+        """The pushed text ``[start, end)``."""
+        if not 0 <= start <= end <= self.text_length:
+            raise RollbackError(f"no text [{start}, {end}): the stream holds {self.text_length} characters")
+        return self._log.slice(start, end)
+
+    @property
     def held_text(self) -> str:
         """The text whose tokens are not final yet."""
         return self._held
