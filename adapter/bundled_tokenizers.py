@@ -89,3 +89,23 @@ def generator_tokenizer(name: str) -> Any:
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(path, os.path.join(folder, "tokenizer.model"))
         return LlamaTokenizer.from_pretrained(folder)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as generator ids, without BOS/EOS, for any supported tokenizer
+    kind (tokenizers.Tokenizer, transformers, SentencePieceProcessor)."""
+    if hasattr(tokenizer, "is_byte"):  # sentencepiece.SentencePieceProcessor
+        return tokenizer.encode(text)
+    if hasattr(tokenizer, "backend_tokenizer"):  # transformers
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def decode_ids(tokenizer: Any, ids: list[int]) -> str:
+    """The tokenizer's own decode of a whole response, as SourceDecoder
+    reproduces it: special tokens skipped, no clean-up of spaces."""
+    if hasattr(tokenizer, "is_byte"):
+        return tokenizer.decode(ids)
+    if hasattr(tokenizer, "backend_tokenizer"):
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.decode(ids, skip_special_tokens=True)

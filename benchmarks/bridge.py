@@ -23,25 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter import SourceDecoder
-from adapter.bundled_tokenizers import GENERATORS, generator_tokenizer, qwen3_tokenizer
+from adapter.bundled_tokenizers import GENERATORS, decode_ids, encode_text, generator_tokenizer, qwen3_tokenizer
 from adapter.retokenize import StableRetokenizer, encode_ordinary, ordinary_tokenizer
 from benchmarks.corpus import MIXES, mixed_text
-
-
-def encode_ids(tokenizer, text: str) -> list[int]:
-    if hasattr(tokenizer, "is_byte"):
-        return tokenizer.encode(text)
-    if hasattr(tokenizer, "backend_tokenizer"):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def decode_ids(tokenizer, ids: list[int]) -> str:
-    if hasattr(tokenizer, "is_byte"):
-        return tokenizer.decode(ids)
-    if hasattr(tokenizer, "backend_tokenizer"):
-        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def last_pre_token_ids(ordinary, held_text: str) -> int:
@@ -105,7 +89,7 @@ def main() -> None:
     generator = generator_tokenizer(args.generator)
     ordinary = ordinary_tokenizer(qwen3_tokenizer())
     text = mixed_text(args.chars, mix=args.mix)
-    ids = encode_ids(generator, text)
+    ids = encode_text(generator, text)
     response = decode_ids(generator, ids)
     print(f"generator {args.generator}, {args.mix} mix: {len(text):,} characters, {len(ids):,} generator tokens")
 

@@ -20,8 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter import GuardAdapter
-from adapter.bundled_tokenizers import GENERATORS, generator_tokenizer, qwen3_tokenizer_path
-from benchmarks.bridge import encode_ids
+from adapter.bundled_tokenizers import GENERATORS, encode_text, generator_tokenizer, qwen3_tokenizer_path
 from benchmarks.corpus import MIXES, mixed_text
 from guard import StreamGuard
 from guard.testing import write_tiny_checkpoint
@@ -40,7 +39,7 @@ def main() -> None:
     print(f"{'generator':<15}{'tokens':>8}{'median lag':>12}{'mean':>7}{'max':>5}  lag histogram (0, 1, 2, ...)")
     for name in sorted(GENERATORS):
         generator = generator_tokenizer(name)
-        ids = encode_ids(generator, text)
+        ids = encode_text(generator, text)
         adapter = GuardAdapter(guard.session(), generator)
         adapter.moderate_prompt("Tell me everything.")
         lags = [piece.lag for token_id in ids for piece in adapter.push_ids(token_id)]

@@ -64,14 +64,6 @@ def load_generator_tokenizer(name_or_path: str) -> Any:
     )
 
 
-def encode_with(tokenizer: Any, text: str) -> list[int]:
-    if hasattr(tokenizer, "is_byte"):
-        return tokenizer.encode(text)
-    if hasattr(tokenizer, "backend_tokenizer"):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
 def tiny_guard(folder: str, unsafe_text: str | None = None) -> Any:
     from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
     from adapter.retokenize import encode_ordinary
@@ -116,10 +108,11 @@ def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progr
     """(query verdict, judged pieces) for one recorded conversation, streamed
     one generator token at a time as a live model would produce it."""
     from adapter import GuardAdapter
+    from adapter.bundled_tokenizers import encode_text
 
     ids = record.get("response_ids")
     if ids is None:
-        ids = encode_with(generator, record["response"])
+        ids = encode_text(generator, record["response"])
     adapter = GuardAdapter(guard.session(policy), generator)
     query = adapter.moderate_prompt(record["prompt"])
     pieces = []
@@ -228,7 +221,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bridge(args: argparse.Namespace) -> int:
     from adapter import SourceDecoder
-    from adapter.bundled_tokenizers import qwen3_tokenizer
+    from adapter.bundled_tokenizers import encode_text, qwen3_tokenizer
     from adapter.retokenize import StableRetokenizer
 
     text = args.text if args.text is not None else sys.stdin.read()
@@ -247,7 +240,7 @@ def _bridge(args: argparse.Namespace) -> int:
         }
         print(json.dumps(row, ensure_ascii=False) if args.json else _bridge_row(row))
 
-    for token_id in encode_with(generator, text):
+    for token_id in encode_text(generator, text):
         for piece in decoder.push(token_id):
             show(f"id {token_id}", piece.index, piece.text, retokenizer.push(piece.text))
     for piece in decoder.flush():

@@ -9,24 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapter import RollbackError, SourceDecoder, StreamFinishedError, TokenIdError, UnsupportedTokenizerError
-from adapter.bundled_tokenizers import generator_tokenizer
+from adapter.bundled_tokenizers import decode_ids, encode_text, generator_tokenizer
 from tests.test_retokenize import texts
 
-
-def reference_decode(tokenizer, ids: list[int]) -> str:
-    if hasattr(tokenizer, "is_byte"):  # sentencepiece.SentencePieceProcessor
-        return tokenizer.decode(ids)
-    if hasattr(tokenizer, "backend_tokenizer"):  # transformers
-        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    if hasattr(tokenizer, "is_byte"):
-        return tokenizer.encode(text)
-    if hasattr(tokenizer, "backend_tokenizer"):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text, add_special_tokens=False).ids
+reference_decode = decode_ids
+encode = encode_text
 
 
 @cache
