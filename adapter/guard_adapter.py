@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapter.errors import RollbackError, StreamFinishedError
+from adapter.errors import AdapterError, RollbackError, StreamFinishedError
 from adapter.retokenize import StableRetokenizer, StableToken
 from adapter.retokenize.ordinary import cached_ordinary_tokenizer
 from adapter.source import SourceDecoder
@@ -83,6 +83,7 @@ class GuardAdapter:
         self._judged_until = 0  # text offset the guard has seen all of
         self._last_verdict: Verdict | None = None
         self._finished = False
+        self._guard_error: BaseException | None = None
 
     # --- the conversation -------------------------------------------------
 
@@ -142,6 +143,8 @@ class GuardAdapter:
         next: their old verdict came from guard tokens that the rollback took
         back (a word is only final once the text after it is known).
         """
+        if self._guard_error is not None:
+            self._check_open()
         if not 0 <= index <= self._pushed:
             raise RollbackError(f"cannot roll back to source piece {index}: {self._pushed} were pushed")
         if self._decoder is not None:
@@ -170,6 +173,11 @@ class GuardAdapter:
     # --- internals -----------------------------------------------------------
 
     def _check_open(self) -> None:
+        if self._guard_error is not None:
+            raise AdapterError(
+                f"the guard failed on this stream ({self._guard_error}); the tokens of that step were never "
+                "judged, so start a new session and adapter"
+            ) from self._guard_error
         if self._finished:
             raise StreamFinishedError("finish() was called; roll back or start a new adapter for a new response")
 
@@ -188,7 +196,13 @@ class GuardAdapter:
     def _judge(self, tokens: list[StableToken]) -> list[JudgedPiece]:
         if not tokens:
             return []
-        verdicts = self.session.append([token.id for token in tokens])
+        try:
+            verdicts = self.session.append([token.id for token in tokens])
+        except Exception as error:
+            # The retokenizer has emitted these tokens and cannot take them
+            # back alone: refuse to go on rather than skip them silently.
+            self._guard_error = error
+            raise
         if self._observer is not None:
             self._observer(tokens, verdicts)
         released: list[JudgedPiece] = []

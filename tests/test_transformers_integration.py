@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from adapter import GuardAdapter
+from adapter import AdapterError, GuardAdapter
 from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
 from adapter.retokenize import encode_ordinary
 from guard import StreamGuard
@@ -166,6 +166,9 @@ def test_fail_closed_when_the_guard_raises(model, tokenizer, short_guard):
     assert not streamer.adapter.flagged
     with pytest.raises(GuardFailure, match="would pass the model's 30 positions"):
         list(streamer)
+    # the adapter refuses to go on rather than skip the tokens it never judged
+    with pytest.raises(AdapterError, match="start a new session"):
+        streamer.adapter.push_ids([22557])
 
 
 def test_fail_open_only_when_asked(model, tokenizer, short_guard, unguarded):
