@@ -15,6 +15,7 @@ from adapter.retokenize import StableRetokenizer, encode_ordinary, ordinary_toke
 from adapter.retokenize.boundaries import (
     has_boundary_after,
     has_boundary_before,
+    is_nfc_split,
     nfc_stable_end,
     stable_word_count,
 )
@@ -352,3 +353,31 @@ def test_unsupported_tokenizers_are_refused_with_what_is_supported():
         StableRetokenizer(generator_tokenizer("deepseek-v3"))
     with pytest.raises(UnsupportedTokenizerError, match=r"tokenizers\.Tokenizer"):
         StableRetokenizer(generator_tokenizer("mistral-v1-sp"))
+
+
+# Characters that take part in NFC: combining marks of several classes,
+# letters that compose with them, Hangul jamo and syllables, singletons.
+NFC_ALPHABET = (
+    "aeiouAEOnNcCsSzZ \u00e9\u00c5\u1e63\u01a0\u0391\u03b9\u0415\u0438\u0928\u0915\u0b47\u0dd9\u1025"
+    "\u0300\u0301\u0302\u0303\u0308\u030a\u0323\u0327\u0328\u0345\u0338\u093c\u094d\u0b3e\u0b57\u0dca\u0dcf"
+    "\u102e\u3099\u304b\u30cf\u1100\u1112\u1161\u1175\u11a8\u11c2\uac00\uac01\u2126\u212b\u2000\u0374"
+)
+
+
+@given(text=st.text(alphabet=NFC_ALPHABET, max_size=12), data=st.data())
+def test_nfc_split_points_hold_for_the_tokenizers_normalizer(qwen, text, data):
+    """Where is_nfc_split says a text can be cut, the tokenizer's own NFC
+    normalizer agrees, for this text and any continuation of it."""
+    normalize = qwen.normalizer.normalize_str
+    continuation = data.draw(st.text(alphabet=NFC_ALPHABET, max_size=4))
+    whole = text + continuation
+    for position in range(len(text) + 1):
+        if is_nfc_split(text, position):
+            assert normalize(whole) == normalize(whole[:position]) + normalize(whole[position:]), position
+    end = nfc_stable_end(text)
+    assert normalize(whole).startswith(normalize(text[:end]))
+
+
+@given(text=st.text(alphabet=NFC_ALPHABET, max_size=30), data=st.data())
+def test_any_cutting_of_composing_text_gives_encode_ordinary(qwen_ordinary, text, data):
+    assert stream(StableRetokenizer(qwen_ordinary), cut_into_deltas(data, text)) == encode_ordinary(qwen_ordinary, text)
