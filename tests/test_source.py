@@ -164,3 +164,28 @@ def test_push_after_flush_and_bad_rollback():
 def test_unsupported_tokenizer_says_what_to_pass():
     with pytest.raises(UnsupportedTokenizerError, match="SentencePieceProcessor"):
         SourceDecoder(object())
+
+
+@pytest.mark.parametrize(
+    ("name", "ids", "pieces"),
+    [
+        # Tekken: byte-level BPE; " " + the robot's first bytes, then the token that completes it
+        ("tekken", [1067, 4032, 1337, 119685, 1164, 1150], ["C", "af", "é", " ", "", "\U0001f916"]),
+        # Mistral v3 (fast and sentencepiece): the robot as four byte-fallback tokens
+        (
+            "mistral-v3",
+            [1102, 2783, 29565, 29473, 1011, 930, 935, 921],
+            ["C", "af", "é", " ", "", "", "", "\U0001f916"],
+        ),
+        (
+            "mistral-v3-sp",
+            [1102, 2783, 29565, 29473, 1011, 930, 935, 921],
+            ["C", "af", "é", " ", "", "", "", "\U0001f916"],
+        ),
+        # DeepSeek V3: byte-level BPE with a " " + partial-emoji token
+        ("deepseek-v3", [37, 2797, 619, 112838, 247], ["C", "af", "é", " ", "\U0001f916"]),
+    ],
+)
+def test_cafe_robot_pinned(name, ids, pieces):
+    assert encode(generator_tokenizer(name), "Café \U0001f916") == ids
+    assert [text for _, text in texts_of(name, ids)] == pieces
