@@ -34,20 +34,24 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], revision: str | Non
         raise CheckpointError(f"{name!r} is not a checkpoint folder (and not a hub repo id like {DEFAULT_GUARD!r})")
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
     try:  # the user's cache first: works offline
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception as cached_error:
-        try:
-            return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-        except Exception as error:
-            raise CheckpointError(
-                f"could not load {name!r}: it is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
-                f"downloading it failed ({type(error).__name__}: {error}). On a machine with internet run "
-                f"`huggingface-cli download {name}` and copy the cache, or pass the path of a local "
-                "checkpoint folder instead"
-            ) from cached_error
+    except HFValidationError as error:
+        raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a valid hub repo id: {error}") from error
+    except LocalEntryNotFoundError:
+        pass  # not cached: download it
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except (OSError, HfHubHTTPError) as error:  # offline, unreachable, no such repo, no access
+        raise CheckpointError(
+            f"could not load {name!r}: it is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
+            f"downloading it failed ({type(error).__name__}: {error}). On a machine with internet run "
+            f"`huggingface-cli download {name}` and copy the cache, or pass the path of a local "
+            "checkpoint folder instead"
+        ) from error
 
 
 def _weight_files(folder: Path) -> list[Path]:
