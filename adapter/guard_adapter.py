@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapter.errors import AdapterError, RollbackError, StreamFinishedError
 from adapter.retokenize import StableRetokenizer, StableToken
 from adapter.retokenize.ordinary import cached_ordinary_tokenizer
-from adapter.source import SourceDecoder
+from adapter.source import SourceDecoder, SourcePiece
 
 if TYPE_CHECKING:  # types only: adapter does not need torch to import
     from guard import GuardSession, Verdict
@@ -74,7 +74,7 @@ class GuardAdapter:
         self._observer = on_guard_tokens
         self._pushed = 0  # source pieces pushed (ids, or deltas)
         self._delta_ends = array("q")  # text mode: end offset of each delta, for rollback
-        self._pending: deque[tuple[int, int, int]] = deque()  # (index, start, end) waiting for a verdict
+        self._pending: deque[SourcePiece] = deque()  # waiting for a verdict
         # Per judged piece: the guard token (ordinal in the response) that
         # judged it, -1 for none. Rollback re-opens pieces whose judge it drops.
         self._judges = array("q")
@@ -108,7 +108,7 @@ class GuardAdapter:
         batch = [ids] if isinstance(ids, int) else list(ids)
         pieces = self._decoder.push(batch)  # validates every id before changing anything
         self._pushed += len(batch)
-        return self._feed([(piece.index, piece.text, piece.start, piece.end) for piece in pieces], final=False)
+        return self._feed(pieces, final=False)
 
     def push_text(self, delta: str) -> list[JudgedPiece]:
         """Feed a text delta (one source piece); return the pieces judged by now."""
@@ -118,18 +118,15 @@ class GuardAdapter:
             raise TypeError(f"push_text() takes str, got {type(delta).__name__}")
         self._check_open()
         start = self._retokenizer.text_length
-        index = self._pushed
+        piece = SourcePiece(self._pushed, delta, start, start + len(delta))
         self._pushed += 1
-        self._delta_ends.append(start + len(delta))
-        return self._feed([(index, delta, start, start + len(delta))], final=False)
+        self._delta_ends.append(piece.end)
+        return self._feed([piece], final=False)
 
     def finish(self) -> list[JudgedPiece]:
         """End of the response: judge everything still held back."""
         self._check_open()
-        pieces = []
-        if self._decoder is not None:
-            pieces = [(piece.index, piece.text, piece.start, piece.end) for piece in self._decoder.flush()]
-        judged = self._feed(pieces, final=True)
+        judged = self._feed(self._decoder.flush() if self._decoder is not None else [], final=True)
         self._finished = True
         return judged
 
@@ -144,7 +141,7 @@ class GuardAdapter:
         back (a word is only final once the text after it is known).
         """
         if self._guard_error is not None:
-            self._check_open()
+            self._check_open()  # raises: a failed stream cannot be repaired by a rollback
         if not 0 <= index <= self._pushed:
             raise RollbackError(f"cannot roll back to source piece {index}: {self._pushed} were pushed")
         if self._decoder is not None:
@@ -160,8 +157,12 @@ class GuardAdapter:
         kept = 0
         while kept < judged and self._judges[kept] < kept_tokens:
             kept += 1
-        reopened = [(i, self._judge_ends[i - 1] if i else 0, self._judge_ends[i]) for i in range(kept, judged)]
-        waiting = [piece for piece in self._pending if piece[0] < kept_pieces]
+        starts = [self._judge_ends[i - 1] if i else 0 for i in range(kept, judged)]
+        reopened = [
+            SourcePiece(i, self._retokenizer.text(start, self._judge_ends[i]), start, self._judge_ends[i])
+            for i, start in zip(range(kept, judged), starts, strict=True)
+        ]
+        waiting = [piece for piece in self._pending if piece.index < kept_pieces]
         self._pending = deque(reopened + waiting)
         del self._judges[kept:], self._judge_ends[kept:]
         self._judged_until = self._retokenizer.emitted_text_length
@@ -181,11 +182,11 @@ class GuardAdapter:
         if self._finished:
             raise StreamFinishedError("finish() was called; roll back or start a new adapter for a new response")
 
-    def _feed(self, pieces: list[tuple[int, str, int, int]], *, final: bool) -> list[JudgedPiece]:
+    def _feed(self, pieces: list[SourcePiece], *, final: bool) -> list[JudgedPiece]:
         judged: list[JudgedPiece] = []
-        for index, text, start, end in pieces:
-            self._pending.append((index, start, end))
-            judged += self._judge(self._retokenizer.push(text))
+        for piece in pieces:
+            self._pending.append(piece)
+            judged += self._judge(self._retokenizer.push(piece.text))
         if final:
             judged += self._judge(self._retokenizer.flush())
             # Whatever is left has no text the guard has not seen (a trailing
@@ -216,11 +217,11 @@ class GuardAdapter:
     def _release(self, judge: int, *, everything: bool = False) -> list[JudgedPiece]:
         """Release the waiting pieces whose text the guard has wholly seen."""
         released = []
-        while self._pending and (everything or self._pending[0][2] <= self._judged_until):
-            index, start, end = self._pending.popleft()
+        while self._pending and (everything or self._pending[0].end <= self._judged_until):
+            piece = self._pending.popleft()
             verdict = self._last_verdict
-            text = self._retokenizer.text(start, end)
-            released.append(JudgedPiece(index, text, start, end, verdict, self._pushed - 1 - index))
+            lag = self._pushed - 1 - piece.index
+            released.append(JudgedPiece(piece.index, piece.text, piece.start, piece.end, verdict, lag))
             self._judges.append(judge if verdict is not None else -1)
-            self._judge_ends.append(end)
+            self._judge_ends.append(piece.end)
         return released

@@ -83,8 +83,7 @@ class GuardedStreamer(BaseStreamer):
         self.generated: list[int] = []
         self.error: BaseException | None = None
         self._queue: Queue = Queue()
-        self._prompt_pending = skip_prompt
-        self._prompt_length: int | None = None if skip_prompt else 0
+        self._prompt_length: int | None = None if skip_prompt else 0  # None until the prompt is put
         self._put_count = 0
         self._fallback: SourceDecoder | None = None
 
@@ -97,8 +96,7 @@ class GuardedStreamer(BaseStreamer):
         if ids.dim() > 1 and ids.shape[0] > 1:
             raise ValueError("GuardedStreamer supports batch size 1 (one conversation per guard session)")
         ids_list = ids.reshape(-1).tolist()
-        if self._prompt_pending:
-            self._prompt_pending = False
+        if self._prompt_length is None:
             self._prompt_length = len(ids_list)
             return
         self._put_count += len(ids_list)
