@@ -163,10 +163,10 @@ def print_view(number: int, record: dict, query: Any, pieces: list, out: TextIO,
     else:
         out.write(f"          FLAGGED at generator token {flagged.index} ({flagged.text!r}): "
                   f"{flagged.verdict.risk_level}, {flagged.verdict.category}\n")  # fmt: skip
-    unique_lags = sorted(piece.lag for piece in pieces)
-    if unique_lags:
-        out.write(f"          lag in generator tokens: median {unique_lags[len(unique_lags) // 2]}, "
-                  f"max {unique_lags[-1]}\n")  # fmt: skip
+    lags = sorted(piece.lag for piece in pieces)
+    if lags:
+        out.write(f"          lag in generator tokens: median {lags[len(lags) // 2]}, "
+                  f"max {lags[-1]}\n")  # fmt: skip
 
 
 def run_moderation(guard: Any, generator: Any, records: list[tuple[int, dict]], args: argparse.Namespace) -> int:
