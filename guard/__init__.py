@@ -4,6 +4,7 @@ from guard.config import GuardLabels
 from guard.errors import (
     CheckpointError,
     ContextLengthError,
+    DtypeError,
     GuardError,
     SessionClosedError,
     SessionStateError,
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_GUARD",
     "CheckpointError",
     "ContextLengthError",
+    "DtypeError",
     "GuardError",
     "GuardLabels",
     "GuardSession",

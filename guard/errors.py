@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ContextLengthError",
+    "DtypeError",
     "GuardError",
     "SessionClosedError",
     "SessionStateError",
@@ -18,6 +19,10 @@ class GuardError(Exception):
 
 class CheckpointError(GuardError, ValueError):
     """The checkpoint is not a usable Qwen3Guard-Stream checkpoint."""
+
+
+class DtypeError(GuardError, ValueError):
+    """A ``dtype`` the guard cannot run in (it runs in float32, bfloat16 or float16)."""
 
 
 class TokenIdError(GuardError, ValueError):

@@ -152,6 +152,16 @@ class GrowableCacheLayer(CacheLayerMixin):
         self.keys = self._key_buffer[..., : self.length, :]
         self.values = self._value_buffer[..., : self.length, :]
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from ``length`` on, keeping the buffers as they
+        are. It allocates nothing, because it undoes a step that failed,
+        perhaps for want of memory; a buffer that grew during that step keeps
+        the earlier positions (growth copies them), so nothing else to undo."""
+        self.length = length
+        if self._key_buffer is not None:
+            self.keys = self._key_buffer[..., :length, :]
+            self.values = self._value_buffer[..., :length, :]
+
     def reset(self) -> None:
         self.length = 0
         self._key_buffer = self._value_buffer = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -120,6 +120,7 @@ def write_tiny_checkpoint(
     max_positions: int = 40960,
     dtype: torch.dtype = torch.float32,
     shards: int = 1,
+    shard_dtypes: Sequence[torch.dtype] | None = None,
     seed: int = 0,
     unsafe_token_ids: Iterable[int] = (),
     drop: Iterable[str] = (),
@@ -131,6 +132,8 @@ def write_tiny_checkpoint(
     ``adapter.bundled_tokenizers.qwen3_tokenizer_path()``); the files beside
     it (tokenizer_config.json, vocab.json) are copied too.
 
+    ``shard_dtypes``: one dtype per shard, overriding ``dtype`` (which the
+    config still declares), to write what a badly merged checkpoint holds.
     ``unsafe_token_ids``: guard tokens the response head must call Unsafe.
     ``drop``: tensor names to leave out; ``as_causal_lm``: write what a
     ``Qwen3ForCausalLM`` export of the model holds (an lm_head, no guard
@@ -177,6 +180,8 @@ def write_tiny_checkpoint(
         for shard in range(shards):
             name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
             part = {key: tensors[key] for key in keys[shard::shards]}
+            if shard_dtypes is not None:
+                part = {key: value.to(shard_dtypes[shard]) for key, value in part.items()}
             save_file(part, str(folder / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(part, name))
         total = sum(tensor.nbytes for tensor in tensors.values())

@@ -188,7 +188,7 @@ def test_append_before_prompt_and_rollback_into_the_prompt(tiny_guard):
     session.append([9707, 1879])
     with pytest.raises(SessionStateError, match="rolling back into the prompt needs a new session"):
         session.rollback(session.response_start - 1)
-    with pytest.raises(SessionStateError, match="response spans"):
+    with pytest.raises(SessionStateError, match="past the end"):
         session.rollback(session.position + 1)
     with pytest.raises(SessionStateError, match="already called"):
         session.moderate_prompt("again")
