@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 import re
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 from adapter.errors import RollbackError, StreamFinishedError, TokenIdError, UnsupportedTokenizerError
 
-__all__ = ["SourceDecoder", "SourcePiece"]
+__all__ = ["SourceDecoder", "SourcePiece", "token_id_list"]
 
 _REPLACEMENT = "\ufffd"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -46,6 +47,38 @@ class SourcePiece:
 
 
 Resolved = list[tuple[int, str]]  # (token index, final text) in index order
+
+
+def _token_id(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TokenIdError(f"token ids must be integers, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TokenIdError(f"token ids must be integers, got {value!r} ({type(value).__name__})") from None
+
+
+def token_id_list(ids: Any) -> list[int]:
+    """Generator token ids as a list of ints: one id (an int, a numpy integer,
+    a 0-d tensor) or a sequence of them (a list, a 1-d numpy array or tensor).
+    Text and bytes are refused: bytes iterate as ints, which would silently
+    turn b"ab" into the ids [97, 98]."""
+    if isinstance(ids, str | bytes | bytearray | memoryview):
+        raise TokenIdError(
+            f"token ids must be integers, got {type(ids).__name__}; decode text deltas with "
+            "GuardAdapter.push_text (an adapter made without a source tokenizer) instead"
+        )
+    shape = getattr(ids, "shape", None)
+    if shape is not None and len(shape) > 1:
+        raise TokenIdError(
+            f"token ids must be one sequence (a 1-d array), got shape {tuple(shape)}; push one row "
+            "(one conversation) at a time"
+        )
+    if (shape is not None and len(shape) == 0) or not hasattr(ids, "__iter__"):
+        return [_token_id(ids)]
+    if hasattr(ids, "tolist"):  # numpy arrays and tensors: one conversion, not one object per element
+        ids = ids.tolist()
+    return [_token_id(value) for value in ids]
 
 
 class _Codec(Protocol):
@@ -376,7 +409,9 @@ def _byte_fallback_codec(tokens: list[str | None], steps: list[dict[str, Any]]) 
 def _codec_factory(tokenizer: Any, skip_special_tokens: bool) -> Callable[[], _Codec]:
     """A maker of fresh codecs sharing one per-id table (building the table
     reads the whole vocabulary, so it is cached per tokenizer)."""
-    key = (id(tokenizer), skip_special_tokens)
+    # Keyed on what the table depends on, not only on the object: adding
+    # tokens to the same tokenizer must give a new table.
+    key = (id(tokenizer), skip_special_tokens, _vocabulary_fingerprint(tokenizer))
     cached = _FACTORIES.get(key)
     if cached is None or cached[0] is not tokenizer:
         if len(_FACTORIES) >= _FACTORY_CACHE_SIZE:
@@ -387,7 +422,24 @@ def _codec_factory(tokenizer: Any, skip_special_tokens: bool) -> Callable[[], _C
     return cached[1]
 
 
-_FACTORIES: dict[tuple[int, bool], tuple[Any, Callable[[], _Codec]]] = {}
+_FACTORIES: dict[tuple[int, bool, object], tuple[Any, Callable[[], _Codec]]] = {}
+
+
+def _vocabulary_fingerprint(tokenizer: Any) -> object:
+    """Cheap summary of what the per-id table is built from: the vocabulary
+    size and the added tokens (which ``add_tokens`` changes)."""
+    from tokenizers import Tokenizer
+
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        # add_tokens grows the vocabulary; marking an existing token special
+        # changes which ids skip_special_tokens hides.
+        special = sum(token.special for token in backend.get_added_tokens_decoder().values())
+        return backend.get_vocab_size(with_added_tokens=True), special
+    size = getattr(tokenizer, "get_piece_size", None)
+    return size() if callable(size) else None
+
+
 _FACTORY_CACHE_SIZE = 8
 
 
@@ -468,17 +520,16 @@ class SourceDecoder:
     def finished(self) -> bool:
         return self._finished
 
-    def push(self, ids: int | Iterable[int]) -> list[SourcePiece]:
-        """Add generator token ids; return the pieces whose text became final."""
+    def push(self, ids: Any) -> list[SourcePiece]:
+        """Add generator token ids (an int, a sequence, a 1-d array or tensor);
+        return the pieces whose text became final."""
         if self._finished:
             raise StreamFinishedError(
                 "this response was flushed; call rollback(index) to continue from an earlier "
                 "token, or start a new SourceDecoder"
             )
-        batch = [ids] if isinstance(ids, int) else list(ids)
+        batch = token_id_list(ids)
         for token_id in batch:  # validate everything before changing anything
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                raise TokenIdError(f"token ids must be ints, got {token_id!r} ({type(token_id).__name__})")
             if not 0 <= token_id < self._codec.vocab_size:
                 raise TokenIdError(
                     f"token id {token_id} is outside the generator's vocabulary (0..{self._codec.vocab_size - 1}); "

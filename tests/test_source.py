@@ -142,7 +142,7 @@ def test_out_of_range_id_is_refused_and_loses_nothing():
     first = decoder.push([9906, 11410])
     with pytest.raises(TokenIdError, match=r"outside the generator's vocabulary \(0\.\.128255\)"):
         decoder.push([97, 128256])
-    with pytest.raises(TokenIdError, match="must be ints"):
+    with pytest.raises(TokenIdError, match="must be integers"):
         decoder.push(["97"])  # type: ignore[list-item]
     assert decoder.token_count == 2
     rest = decoder.push([97, 244]) + decoder.flush()

@@ -18,9 +18,30 @@ from typing import Any
 
 from adapter.errors import RollbackError, StreamFinishedError
 from adapter.retokenize.boundaries import is_nfc_split, nfc_stable_end, stable_word_count
-from adapter.retokenize.ordinary import OrdinaryTokenizer, ordinary_tokenizer
+from adapter.retokenize.ordinary import OrdinaryTokenizer, cached_ordinary_tokenizer
 
-__all__ = ["StableRetokenizer", "StableToken"]
+__all__ = ["DEFAULT_MAX_HELD", "StableRetokenizer", "StableToken"]
+
+#: The most characters a StableRetokenizer holds back before it cuts by force.
+#: ``benchmarks/pretoken_lengths.py`` measures the longest pre-tokens of real
+#: text (code, URLs, base64, CJK, German compounds, Markdown tables): the held
+#: text stays far below this in all of them, and a push never encodes more than
+#: about this many characters, so the cost per character stays flat.
+DEFAULT_MAX_HELD = 256
+
+
+def _check_well_formed(delta: str) -> None:
+    """Refuse lone surrogates before anything changes: they are not text the
+    tokenizer can encode (a JSON stream split inside a pair must be rejoined
+    first, as GuardAdapter.push_text does)."""
+    if not delta.isascii():
+        try:
+            delta.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"the text has a lone surrogate {delta[error.start]!r} at {error.start}: join surrogate pairs "
+                "(or decode the stream as UTF-8) before pushing"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +94,12 @@ class StableRetokenizer:
     ``encode_ordinary(tokenizer, text)``.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._ordinary = tokenizer if isinstance(tokenizer, OrdinaryTokenizer) else ordinary_tokenizer(tokenizer)
+    def __init__(self, tokenizer: Any, *, max_held: int = DEFAULT_MAX_HELD) -> None:
+        if isinstance(max_held, bool) or not isinstance(max_held, int) or max_held < 8:
+            raise ValueError(f"max_held must be an int of at least 8 characters, got {max_held!r}")
+        self._ordinary = cached_ordinary_tokenizer(tokenizer)
+        self._max_held = max_held
+        self._forced_cuts = 0
         self._log = _TextLog()
         self._held = ""
         self._held_start = 0
@@ -86,11 +111,25 @@ class StableRetokenizer:
         self._checkpoint_lengths = array("q", [0])
         self._checkpoint_starts = array("q", [0])
         self._checkpoint_counts = array("q", [0])
+        self._checkpoint_cuts = array("q", [0])
         self._finished = False
 
     @property
     def ordinary(self) -> OrdinaryTokenizer:
         return self._ordinary
+
+    @property
+    def max_held(self) -> int:
+        """The most characters held back before a forced cut."""
+        return self._max_held
+
+    @property
+    def forced_cuts(self) -> int:
+        """How many times a run without a stable boundary was cut by force.
+
+        While this is 0 the ids are exactly ``encode_ordinary`` of the text.
+        """
+        return self._forced_cuts
 
     @property
     def text_length(self) -> int:
@@ -138,9 +177,20 @@ class StableRetokenizer:
             )
         if not delta:
             return []
+        _check_well_formed(delta)
         self._log.append(delta)
-        self._held += delta
-        return self._release(final=False)
+        # A large delta goes in slices that fill the held text to one past the
+        # bound at most: whether a run needs a forced cut is then decided on the
+        # same text as when it streams one character at a time, and no step
+        # encodes more than a bounded amount of text.
+        tokens: list[StableToken] = []
+        start = 0
+        while start < len(delta):
+            step = max(1, self._max_held + 1 - len(self._held))
+            self._held += delta[start : start + step]
+            start += step
+            tokens += self._release(final=False)
+        return tokens
 
     def flush(self) -> list[StableToken]:
         """End of text: return every token that is left."""
@@ -164,11 +214,34 @@ class StableRetokenizer:
         self._held = self._log.slice(start, offset)
         self._log.truncate(offset)
         self._held_start, self._emitted = start, emitted
+        self._forced_cuts = self._checkpoint_cuts[keep - 1]
         del self._checkpoint_lengths[keep:], self._checkpoint_starts[keep:], self._checkpoint_counts[keep:]
+        del self._checkpoint_cuts[keep:]
         self._finished = False
         return emitted
 
     def _release(self, *, final: bool) -> list[StableToken]:
+        tokens = self._release_stable(final=final)
+        # A run with no stable boundary (letters with no space, a long
+        # punctuation rule, combining marks) would otherwise be held whole and
+        # re-encoded at every push: cut it at a fixed distance from where it
+        # starts, so that what is held, and so the cost of a push, stays bounded.
+        while len(self._held) > self._max_held:
+            tokens += self._force_cut()
+        return tokens
+
+    def _force_cut(self) -> list[StableToken]:
+        held = self._held
+        limit = self._max_held // 2
+        # Prefer a point where NFC splits (the chunk then normalizes as it
+        # would in place); a run of combining marks has none, and is cut anyway.
+        cut = next((p for p in range(limit, limit // 2, -1) if is_nfc_split(held, p)), limit)
+        tokens = self._tokens(held, self._ordinary.tokenizer.encode(held[:cut], add_special_tokens=False), cut)
+        self._forced_cuts += 1
+        self._advance(held, cut, len(tokens), record=True)
+        return tokens
+
+    def _release_stable(self, *, final: bool) -> list[StableToken]:
         held = self._held
         end = len(held) if final or not self._ordinary.normalizes_nfc else nfc_stable_end(held)
         if end == 0:
@@ -176,22 +249,24 @@ class StableRetokenizer:
         encoding = self._ordinary.tokenizer.encode(held[:end], add_special_tokens=False)
         offsets = encoding.offsets
         word_starts: list[int] = []  # raw start of each pre-token
+        word_ends: list[int] = []  # raw end of each pre-token's furthest token
         word_first_token: list[int] = []
         previous_word = None
         for index, word in enumerate(encoding.word_ids):
+            start, stop = offsets[index]
             if word != previous_word:
-                word_starts.append(offsets[index][0])
+                word_starts.append(start)
+                word_ends.append(stop)
                 word_first_token.append(index)
                 previous_word = word
             else:
-                word_starts[-1] = min(word_starts[-1], offsets[index][0])
+                word_starts[-1] = min(word_starts[-1], start)
+                word_ends[-1] = max(word_ends[-1], stop)
         if final:
             count = len(word_starts)
         else:
             count = stable_word_count(held[:end], word_starts, self._ordinary.max_digits)
-            # The held text must begin on an NFC boundary so that it can be
-            # normalized on its own.
-            while 0 < count < len(word_starts) and not is_nfc_split(held, word_starts[count]):
+            while 0 < count < len(word_starts) and not self._is_clean_cut(held, word_starts, word_ends, count):
                 count -= 1
         if count == 0:
             return []
@@ -199,20 +274,44 @@ class StableRetokenizer:
             cut, token_count = end, len(offsets)
         else:
             cut, token_count = word_starts[count], word_first_token[count]
-        base = self._held_start
+        tokens = self._tokens(held, encoding, cut, token_count)
+        self._advance(held, cut, token_count, record=not final)
+        return tokens
+
+    @staticmethod
+    def _is_clean_cut(held: str, word_starts: list[int], word_ends: list[int], count: int) -> bool:
+        """Whether the raw text can be cut where pre-token ``count`` starts.
+
+        The held text must begin on an NFC boundary so that it can be
+        normalized on its own; and no raw character may feed pre-tokens on both
+        sides of the cut. NFC can expand one raw character into several (the
+        nukta letter U+0958 is KA + NUKTA; Hebrew presentation forms are a
+        letter and its points) that the pre-tokenizer puts in different
+        pre-tokens, all mapped back to that one raw offset: cutting there would
+        send the first part again with the held text.
+        """
+        cut = word_starts[count]
+        return max(word_ends[:count]) <= cut and min(word_starts[count:]) >= cut and is_nfc_split(held, cut)
+
+    def _tokens(self, held: str, encoding: Any, cut: int, token_count: int | None = None) -> list[StableToken]:
+        offsets = encoding.offsets
         ids = encoding.ids
+        token_count = len(ids) if token_count is None else token_count
+        base = self._held_start
         # Normalization can fold characters into their neighbour (e + U+0301
         # becomes one é, whose offsets cover only the e); stretch each span to
         # where the next token starts so that the spans cover all the text.
         starts = [offsets[i][0] for i in range(1, token_count)] + [cut]
-        tokens = [
+        return [
             StableToken(ids[i], base + offsets[i][0], base + max(offsets[i][1], starts[i])) for i in range(token_count)
         ]
+
+    def _advance(self, held: str, cut: int, token_count: int, *, record: bool) -> None:
         self._held = held[cut:]
         self._held_start += cut
         self._emitted += token_count
-        if not final:
+        if record:
             self._checkpoint_lengths.append(self.text_length)
             self._checkpoint_starts.append(self._held_start)
             self._checkpoint_counts.append(self._emitted)
-        return tokens
+            self._checkpoint_cuts.append(self._forced_cuts)
