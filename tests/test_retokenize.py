@@ -101,6 +101,14 @@ HARD_FRAGMENTS = [
     "\u0928\u092e\u0938\u094d\u0924\u0947",
     "\u0928\u093c",
     "\u0e01\u0e48",
+    # NFC expands these into parts that land in different pre-tokens.
+    "\u0958",
+    "\ufb2c",
+    "\u0f43",
+    "\u2126",
+    # Qwen's byte-level BPE splits these into several tokens.
+    "\u5c4c",
+    "\U0001fae0",
     "<|im_end|>",
     "<|im_start|>",
     "<think>",

@@ -438,6 +438,21 @@ def test_surrogate_halves_in_text_deltas(tiny_guard, deltas, text):
     assert seen == encode_ordinary(tiny_guard.tokenizer, text)
 
 
+@given(text=multi_token_texts(), data=st.data())
+def test_text_split_between_utf16_code_units_reaches_the_guard_whole(tiny_guard, text, data):
+    """A JSON stream may cut between the two halves of a surrogate pair."""
+    units = text.encode("utf-16-le", "surrogatepass")
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(units) // 2), max_size=6)))
+    bounds = [0, *cuts, len(units) // 2]
+    deltas = [units[2 * a : 2 * b].decode("utf-16-le", "surrogatepass") for a, b in itertools.pairwise(bounds)]
+    seen: list[int] = []
+    adapter = GuardAdapter(tiny_guard.session(), on_guard_tokens=lambda t, v: seen.extend(x.id for x in t))
+    adapter.moderate_prompt("Hi")
+    pieces = [piece for delta in deltas for piece in adapter.push_text(delta)] + adapter.finish()
+    assert "".join(piece.text for piece in pieces) == text
+    assert seen == encode_ordinary(tiny_guard.tokenizer, text)
+
+
 def test_a_lone_surrogate_is_refused_by_the_retokenizer_and_changes_nothing(qwen):
     retokenizer = StableRetokenizer(qwen)
     first = [token.id for token in retokenizer.push("ab ")]
