@@ -9,9 +9,11 @@ hidden state at every position, with no activation.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import Qwen3Config
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -20,6 +22,12 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
 from guard.config import GuardLabels
 
 __all__ = ["GrowableCacheLayer", "GuardLogits", "Qwen3GuardStream", "guard_head_shapes", "new_cache"]
+
+
+# transformers 5 renamed Qwen3Model.forward's ``past_key_values`` to ``cache``
+# (5.2x; the old name is removed later). Passing the wrong one is not an error:
+# it lands in **kwargs and the model runs without the cache.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
 
 def guard_head_shapes(config: Qwen3Config, labels: GuardLabels) -> dict[str, tuple[int, ...]]:
@@ -63,7 +71,17 @@ class Qwen3GuardStream(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """Final normed hidden states ``[batch, positions, hidden]``; appends to ``cache``."""
-        output = self.model(input_ids=input_ids, cache=cache, use_cache=cache is not None)
+        if cache is None:
+            return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        before = cache.get_seq_length()
+        output = self.model(input_ids=input_ids, **{_CACHE_ARGUMENT: cache}, use_cache=True)
+        if cache.get_seq_length() != before + input_ids.shape[-1]:
+            # A model that silently ignored the cache would judge every
+            # append without its context: refuse rather than give verdicts.
+            raise RuntimeError(
+                f"transformers {transformers.__version__} did not use the guard's KV cache; "
+                "install a transformers 5 release that crossguard supports (see pyproject.toml)"
+            )
         return output.last_hidden_state
 
     def response_logits(self, hidden: torch.Tensor) -> GuardLogits:

@@ -406,3 +406,23 @@ def test_rollback_errors_say_what_happened_and_change_nothing(tiny_guard):
     fresh.moderate_prompt("hi")
     fresh.append(IDS)
     assert_same_verdicts(session.append(IDS), fresh.append(IDS))
+
+
+def test_a_transformers_that_ignores_the_cache_is_refused_not_judged(tiny_guard, monkeypatch):
+    """transformers renamed Qwen3Model.forward's cache argument; passing the
+    name a release does not know is silently swallowed by **kwargs, and every
+    append would be judged without its context."""
+    import guard.model
+
+    monkeypatch.setattr(guard.model, "_CACHE_ARGUMENT", "a_name_no_release_knows")
+    session = tiny_guard.session()
+    with pytest.raises(RuntimeError, match="did not use the guard's KV cache"):
+        session.moderate_prompt("Hello")
+
+
+def test_the_session_really_uses_its_cache(tiny_guard):
+    session = tiny_guard.session()
+    session.moderate_prompt("Hello")
+    session.append([9707, 1879])
+    used, _ = session.kv_cache_bytes()
+    assert used == session.position * tiny_guard.kv_bytes_per_token()
