@@ -12,6 +12,7 @@ from adapter.errors import (
     UnsupportedTokenizerError,
 )
 from adapter.guard_adapter import GuardAdapter, JudgedPiece
+from adapter.reasoning import ThinkMarkers
 from adapter.source import SourceDecoder, SourcePiece
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "SourceDecoder",
     "SourcePiece",
     "StreamFinishedError",
+    "ThinkMarkers",
     "TokenIdError",
     "UnsupportedTokenizerError",
 ]

@@ -11,6 +11,24 @@ two consecutive response tokens agree:
   Controversial flag it Controversial, which counts in strict mode only.
 
 Flagging is sticky: once flagged, every later verdict of the response says so.
+
+Two more choices, both made to judge what upstream judges:
+
+* ``context_limit``: what to do at the checkpoint's ``max_position_embeddings``
+  (8192 in the released checkpoints' config, presumably the guard's training
+  length). ``"continue"`` (default) keeps judging past it, as upstream's own code
+  does (it never checks the length): every verdict there says
+  ``past_trained_length=True`` and the session logs one warning.
+  ``"error"`` fails closed instead: the append that would pass the limit
+  raises ``ContextLengthError`` and changes nothing.
+* ``arithmetic``: how logits become a label. ``"upstream"`` takes softmax on
+  bfloat16 logits, rounds the probabilities to bfloat16 and takes the first
+  maximum, exactly as upstream's evaluation does with the bf16 model (so two
+  classes whose probabilities round to the same bf16 value go to the lower
+  index: Safe before Unsafe before Controversial). ``"float32"`` takes
+  softmax and argmax in float32. ``"auto"`` (default) is ``"upstream"`` when
+  the model runs in bfloat16 (the released checkpoints' dtype) and
+  ``"float32"`` otherwise.
 """
 
 from __future__ import annotations
@@ -22,19 +40,40 @@ __all__ = ["Debouncer", "Policy", "Verdict"]
 
 Mode = Literal["strict", "loose"]
 DebounceRule = Literal["official", "report"]
+ContextLimit = Literal["continue", "error"]
+Arithmetic = Literal["auto", "upstream", "float32"]
 SAFE, UNSAFE, CONTROVERSIAL = "Safe", "Unsafe", "Controversial"
+_CHOICES = {
+    "mode": ("strict", "loose"),
+    "debounce": ("official", "report"),
+    "context_limit": ("continue", "error"),
+    "arithmetic": ("auto", "upstream", "float32"),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """How verdicts are made and when the response is flagged (see the module docstring)."""
+
     mode: Mode = "strict"
     debounce: DebounceRule = "official"
+    context_limit: ContextLimit = "continue"
+    arithmetic: Arithmetic = "auto"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("strict", "loose"):
-            raise ValueError(f"mode must be 'strict' or 'loose', got {self.mode!r}")
-        if self.debounce not in ("official", "report"):
-            raise ValueError(f"debounce must be 'official' or 'report', got {self.debounce!r}")
+        for field, choices in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in choices:
+                allowed = " or ".join(repr(choice) for choice in choices)
+                raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+    def upstream_arithmetic(self, logits_dtype: object) -> bool:
+        """Whether verdicts of logits of this dtype use upstream's bf16 arithmetic."""
+        if self.arithmetic == "auto":
+            import torch
+
+            return logits_dtype == torch.bfloat16
+        return self.arithmetic == "upstream"
 
     def counts_as_unsafe(self, risk_level: str) -> bool:
         return risk_level == UNSAFE or (self.mode == "strict" and risk_level == CONTROVERSIAL)
@@ -57,7 +96,10 @@ class Verdict:
     level is Safe (the category head is meaningless then). ``unsafe`` says
     whether this token alone counts as unsafe under the policy's mode;
     ``flagged`` whether the debounced policy has flagged the response at or
-    before this token, from position ``flagged_at``.
+    before this token, from position ``flagged_at``. ``past_trained_length``:
+    the token stands at or past the checkpoint's ``max_position_embeddings``
+    (only with ``Policy(context_limit="continue")``), where the guard was
+    never trained; the verdict is still the model's.
     """
 
     position: int
@@ -68,6 +110,7 @@ class Verdict:
     unsafe: bool
     flagged: bool = False
     flagged_at: int | None = None
+    past_trained_length: bool = False
 
 
 class Debouncer:
@@ -84,6 +127,11 @@ class Debouncer:
     @property
     def flagged_at(self) -> int | None:
         return self._flagged_at
+
+    @property
+    def start(self) -> int:
+        """Position of the first token the debounce judges."""
+        return self._start
 
     def observe(self, position: int, risk_level: str) -> tuple[bool, int | None]:
         if position != self._start + len(self._levels):

@@ -6,6 +6,21 @@ positions, as any decoder does), never a re-run of the sequence. ``rollback``
 crops the cache and the debounce state together, so the session is exactly as
 it was at that position.
 
+The response is laid out as the Qwen3 chat template renders the last
+assistant turn (see ``guard.template``), and judged from where upstream's
+evaluation judges it:
+
+* without reasoning: ``<think>\\n\\n</think>\\n\\n`` (part of the prompt's
+  scaffold), the answer ids (``append``), then ``finish()`` appends
+  ``<|im_end|>`` and ``\\n``. The debounce runs from the first answer token
+  to the last end-of-turn token.
+* with reasoning: ``begin_reasoning()`` before any answer id turns the
+  scaffold's empty think block into an open one; ``append`` the ids of
+  ``"\\n" + reasoning + "\\n"``, ``end_reasoning()`` appends ``</think>`` and
+  ``\\n\\n``, then the answer and ``finish()`` as above. The debounce runs
+  from the second token of the think block (upstream's thinking mode skips
+  the ``\\n`` after ``<think>``) to the end.
+
 Each step is all or nothing: a call that raises (an out-of-memory while a KV
 buffer grows, say) leaves the session exactly as it was before the call.
 Each public method holds the session's lock, so one session shared by
@@ -14,6 +29,7 @@ threads serves their calls one at a time.
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,24 +41,42 @@ import torch
 from guard.errors import ContextLengthError, SessionClosedError, SessionStateError, TokenIdError
 from guard.model import GrowableCacheLayer, GuardLogits, new_cache
 from guard.policy import SAFE, Debouncer, Policy, Verdict
-from guard.template import Prompt, encode_conversation
+from guard.template import Prompt, empty_think_tail_ids, encode_conversation, end_of_turn_ids, think_close_ids
 
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
 
 __all__ = ["GuardSession"]
 
+logger = logging.getLogger("guard")
+
+
+def _best(logits: torch.Tensor, upstream: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability, index) of the most likely class at each position.
+
+    Upstream: ``F.softmax`` on bfloat16 logits gives bfloat16 probabilities
+    and ``torch.max`` takes the first of equal maxima, so classes whose
+    probabilities round to the same bf16 value go to the lower index."""
+    if upstream:
+        return torch.softmax(logits.to(torch.bfloat16), dim=-1).max(dim=-1)
+    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
+
 
 def _verdicts(
     logits: GuardLogits, first_position: int, risk_levels: tuple[str, ...], categories: tuple[str, ...], policy: Policy
 ) -> list[tuple[int, str, float, str | None, float | None, bool]]:
-    risk_probs = torch.softmax(logits.risk_level.float(), dim=-1)
-    category_probs = torch.softmax(logits.category.float(), dim=-1)
-    risk_best, risk_index = risk_probs.max(dim=-1)
-    category_best, category_index = category_probs.max(dim=-1)
+    upstream = policy.upstream_arithmetic(logits.risk_level.dtype)
+    risk_best, risk_index = _best(logits.risk_level, upstream)
+    category_best, category_index = _best(logits.category, upstream)
     rows = []
     for offset, (level_index, level_prob, cat_index, cat_prob) in enumerate(
-        zip(risk_index.tolist(), risk_best.tolist(), category_index.tolist(), category_best.tolist(), strict=True)
+        zip(
+            risk_index.tolist(),
+            risk_best.float().tolist(),
+            category_index.tolist(),
+            category_best.float().tolist(),
+            strict=True,
+        )
     ):
         level = risk_levels[level_index]
         category, category_prob = (None, None) if level == SAFE else (categories[cat_index], cat_prob)
@@ -67,7 +101,12 @@ class GuardSession:
         self._cache = new_cache(guard.config)
         self._position = 0
         self._response_start: int | None = None
+        self._reasoning_start: int | None = None  # right after the scaffold's <think>
+        self._reasoning = False  # the response has a think block (open or closed)
+        self._reasoning_end: int | None = None  # position of its </think>, once closed
+        self._finished_at: int | None = None  # position of the closing <|im_end|>, once finished
         self._debouncer: Debouncer | None = None
+        self._warned_past_trained_length = False
         self._closed = False
         # Reentrant so that code holding it (a subclass, an engine) can call
         # the public methods.
@@ -89,8 +128,34 @@ class GuardSession:
 
     @property
     def response_start(self) -> int | None:
-        """Position of the first response token (None before the prompt)."""
+        """Position of the first response token (None before the prompt): the
+        first answer token, or with reasoning the first token of the think
+        block's text."""
         return self._response_start
+
+    @property
+    def answer_start(self) -> int | None:
+        """Position of the first answer token: ``response_start`` without
+        reasoning, after ``</think>`` and ``\\n\\n`` with it (None while the
+        think block is open, or before the prompt)."""
+        if self._response_start is None or (self._reasoning and self._reasoning_end is None):
+            return None
+        return self._reasoning_end + 2 if self._reasoning else self._response_start
+
+    @property
+    def reasoning(self) -> bool:
+        """Whether the response has a think block (``begin_reasoning``)."""
+        return self._reasoning
+
+    @property
+    def reasoning_open(self) -> bool:
+        """Whether the think block is open: ids appended now are reasoning."""
+        return self._reasoning and self._reasoning_end is None
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``finish()`` appended the end of turn (and no rollback took it back)."""
+        return self._finished_at is not None
 
     @property
     def closed(self) -> bool:
@@ -100,6 +165,11 @@ class GuardSession:
     @property
     def flagged(self) -> bool:
         return self._debouncer is not None and self._debouncer.flagged_at is not None
+
+    @property
+    def flagged_at(self) -> int | None:
+        """Position where the debounced policy flagged the response (None if not flagged)."""
+        return None if self._debouncer is None else self._debouncer.flagged_at
 
     def kv_cache_bytes(self) -> tuple[int, int]:
         """(bytes holding cached positions, bytes allocated including growth
@@ -132,9 +202,10 @@ class GuardSession:
                 # The scaffold after the user turn goes through the response
                 # head too; its verdicts belong to no response text.
                 scaffold_logits = model.response_logits(hidden[at + 1 :])
-            self.query_verdict = Verdict(*row)
+            self.query_verdict = Verdict(*row, past_trained_length=self._past_trained_length(at))
             self.last_logits = scaffold_logits
             self._response_start = conversation.response_start
+            self._reasoning_start = conversation.reasoning_start
             self._debouncer = Debouncer(self.policy, self._response_start)
             return self.query_verdict
 
@@ -143,10 +214,7 @@ class GuardSession:
         same verdicts as one at a time (one cached forward per call)."""
         with self._lock:
             self._check_open()
-            if self._debouncer is None:
-                raise SessionStateError(
-                    "call moderate_prompt() before append(): the guard judges a response to a prompt"
-                )
+            self._check_appendable()
             batch = [ids] if isinstance(ids, int) else list(ids)
             vocabulary = self._guard.vocab_size
             for token_id in batch:
@@ -155,22 +223,102 @@ class GuardSession:
                         f"{token_id!r} is not a guard token id (0..{vocabulary - 1}); response text must be "
                         "re-tokenized into the guard's Qwen3 vocabulary first (adapter.retokenize)"
                     )
-            if not batch:
-                return []
-            self._check_room(len(batch))
-            first = self._position
-            labels = self._guard.labels
+            return self._judge(batch)
+
+    def begin_reasoning(self) -> None:
+        """The response opens with reasoning: replace the scaffold's empty
+        think block (``\\n\\n</think>\\n\\n``) by an open one, so that the next
+        ids appended are the think block's text, ``"\\n" + reasoning + "\\n"``
+        re-tokenized as one text. Only before any response id; cheap (the
+        cache forgets three positions)."""
+        with self._lock:
+            self._check_open()
+            self._check_appendable()
+            if self._reasoning:
+                raise SessionStateError("begin_reasoning() was already called for this response")
+            if self._position != self._response_start:
+                raise SessionStateError(
+                    "begin_reasoning() must come before any answer id: reasoning precedes the answer; roll back to "
+                    f"response_start ({self._response_start}) first"
+                )
+            start = self._reasoning_start
+            for layer in self._cache.layers:
+                layer.rewind(start)  # no allocation: this step cannot fail half way
+            self._position = start
+            self._reasoning = True
+            self._response_start = start
+            # Upstream's thinking mode judges from the token after the "\n"
+            # that follows <think> (``assistant`` index + 4).
+            self._debouncer = Debouncer(self.policy, start + 1)
+
+    def cancel_reasoning(self) -> list[Verdict]:
+        """Undo ``begin_reasoning()`` while the think block is still empty
+        (roll back to ``response_start`` first): append the thinking-disabled
+        scaffold's ``\\n\\n</think>\\n\\n`` again; their verdicts belong to no
+        response text and are not debounced."""
+        with self._lock:
+            self._check_open()
+            if not self._reasoning or self._position != self._response_start:
+                raise SessionStateError(
+                    "cancel_reasoning() undoes begin_reasoning() on an empty think block: "
+                    f"roll back to response_start ({self._response_start}) first"
+                    if self._reasoning
+                    else "cancel_reasoning(): this response has no think block"
+                )
+            tail = empty_think_tail_ids(self._guard.tokenizer)
+            self._check_room(len(tail))
+            start = self._position
             with self._step():
-                logits = self._guard.model.response_logits(self._forward(batch))
-                verdicts = []
-                for row in _verdicts(logits, first, labels.risk_levels, labels.categories, self.policy):
-                    flagged, flagged_at = self._debouncer.observe(row[0], row[1])
-                    verdicts.append(Verdict(*row, flagged=flagged, flagged_at=flagged_at))
+                logits = self._guard.model.response_logits(self._forward(tail))
+            rows = _verdicts(logits, start, self._guard.labels.risk_levels, self._guard.labels.categories, self.policy)
+            self._reasoning = False
+            self._response_start = self._position
+            self._debouncer = Debouncer(self.policy, self._position)
             self.last_logits = logits
+            return [Verdict(*row, past_trained_length=self._past_trained_length(row[0])) for row in rows]
+
+    def end_reasoning(self) -> list[Verdict]:
+        """Close the think block: append ``</think>`` and ``\\n\\n``, judged by
+        the response head and debounced like the text; their two verdicts."""
+        with self._lock:
+            self._check_open()
+            self._check_appendable()
+            if not self._reasoning or self._reasoning_end is not None:
+                raise SessionStateError(
+                    "end_reasoning(): no think block is open (call begin_reasoning() before the reasoning ids)"
+                )
+            if self._position == self._response_start:
+                raise SessionStateError(
+                    "end_reasoning(): the think block holds no text; append the ids of \"\\n\" + reasoning + \"\\n\" "
+                    "(\"\\n\\n\" for empty reasoning) first"
+                )
+            at = self._position
+            verdicts = self._judge(think_close_ids(self._guard.tokenizer))
+            self._reasoning_end = at
+            return verdicts
+
+    def finish(self) -> list[Verdict]:
+        """End of the response: append ``<|im_end|>`` and ``\\n``, as the
+        template closes the turn and upstream's evaluation judges them, and
+        return their verdicts (part of the debounce: a response whose last
+        token and ``<|im_end|>`` are both Unsafe is flagged here). Append
+        nothing more until a rollback to before them."""
+        with self._lock:
+            self._check_open()
+            self._check_appendable()
+            if self.reasoning_open:
+                raise SessionStateError(
+                    "finish(): the think block is still open; append its closing \"\\n\" and call end_reasoning() first"
+                )
+            at = self._position
+            verdicts = self._judge(end_of_turn_ids(self._guard.tokenizer))
+            self._finished_at = at
             return verdicts
 
     def rollback(self, position: int) -> None:
-        """Return to an earlier ``position`` (at least ``response_start``)."""
+        """Return to an earlier ``position`` (at least ``response_start``).
+        Rolling back to or before the end of turn (``finish``) or the
+        ``</think>`` (``end_reasoning``) takes them back too."""
         # A float would pass the range checks and leave a fractional cache length.
         position = operator.index(position)
         with self._lock:
@@ -188,9 +336,20 @@ class GuardSession:
                     f"{self._response_start}); rolling back into the prompt needs a new session: start one with "
                     "StreamGuard.session() and call moderate_prompt() again"
                 )
+            inside = (("the end of turn", self._finished_at), ("</think> and its newlines", self._reasoning_end))
+            for name, at in inside:
+                if at is not None and at < position < at + 2:
+                    raise SessionStateError(
+                        f"cannot roll back to position {position}: it is inside {name} at {at}..{at + 1}; "
+                        f"roll back to {at} or before"
+                    )
             self._cache.crop(position - self._position)  # transformers' crop takes -count
             self._debouncer.rollback(position)
             self._position = position
+            if self._finished_at is not None and position <= self._finished_at:
+                self._finished_at = None
+            if self._reasoning_end is not None and position <= self._reasoning_end:
+                self._reasoning_end = None
 
     def close(self) -> None:
         """Free the KV cache; the session cannot be used afterwards."""
@@ -210,13 +369,64 @@ class GuardSession:
         if self._closed:
             raise SessionClosedError("this session was closed; start a new one with StreamGuard.session()")
 
+    def _check_appendable(self) -> None:
+        if self._debouncer is None:
+            raise SessionStateError(
+                "call moderate_prompt() before append(): the guard judges a response to a prompt"
+            )
+        if self._finished_at is not None:
+            raise SessionStateError(
+                f"finish() appended the end of turn at position {self._finished_at}; roll back to "
+                f"{self._finished_at} or before to change the response"
+            )
+
+    def _judge(self, batch: list[int]) -> list[Verdict]:
+        """Append ids and judge them with the response head (the debounce
+        starts at the debouncer's start)."""
+        if not batch:
+            return []
+        self._check_room(len(batch))
+        first = self._position
+        labels = self._guard.labels
+        debouncer = self._debouncer
+        with self._step():
+            logits = self._guard.model.response_logits(self._forward(batch))
+            verdicts = []
+            for row in _verdicts(logits, first, labels.risk_levels, labels.categories, self.policy):
+                if row[0] >= debouncer.start:
+                    flagged, flagged_at = debouncer.observe(row[0], row[1])
+                else:  # before the debounce starts: the "\n" after <think>
+                    flagged, flagged_at = False, None
+                past = self._past_trained_length(row[0])
+                verdicts.append(Verdict(*row, flagged=flagged, flagged_at=flagged_at, past_trained_length=past))
+        self.last_logits = logits
+        return verdicts
+
     def _check_room(self, count: int) -> None:
         limit = self._guard.config.max_position_embeddings
-        if self._position + count > limit:
+        if self._position + count <= limit:
+            return
+        if self.policy.context_limit == "error":
             raise ContextLengthError(
                 f"appending {count} tokens at position {self._position} would pass the model's "
-                f"{limit} positions; stop the stream or start a new session"
+                f"{limit} positions (its trained length), and Policy(context_limit='error') stops there; stop "
+                "the stream or start a new session, or pass Policy(context_limit='continue') to judge past it"
             )
+
+    def _past_trained_length(self, position: int) -> bool:
+        limit = self._guard.config.max_position_embeddings
+        if position < limit:
+            return False
+        if not self._warned_past_trained_length:
+            self._warned_past_trained_length = True
+            logger.warning(
+                "the guard is judging position %d, past the %d positions it was trained on "
+                "(max_position_embeddings); its verdicts there are marked past_trained_length=True. "
+                "Pass Policy(context_limit='error') to stop at the limit instead",
+                position,
+                limit,
+            )
+        return True
 
     @contextmanager
     def _step(self) -> Iterator[None]:

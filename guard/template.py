@@ -1,6 +1,6 @@
 """The Qwen3 chat template (thinking disabled), as guard input ids.
 
-    <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{response}
+    <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{response}<|im_end|>\\n
 
 This renders what the Qwen3 chat template that ships with the guard's
 tokenizer renders with ``add_generation_prompt=True, enable_thinking=False``
@@ -9,6 +9,17 @@ tokenizer renders with ``add_generation_prompt=True, enable_thinking=False``
 template drops from turns before the last user query), assistant
 ``tool_calls`` (``<tool_call>`` JSON) and ``tool`` results (inside
 ``<tool_response>`` in a user turn).
+
+The response part is what the template renders for the conversation's last
+assistant turn with ``add_generation_prompt=False``, as upstream's evaluation
+renders it: ``<think>\\n{reasoning.strip("\\n")}\\n</think>\\n\\n`` then
+``{answer.lstrip("\\n")}<|im_end|>\\n``. Without reasoning the think block is
+``<think>\\n\\n</think>\\n\\n``, the same ids as the thinking-disabled
+generation prompt, so a session starts with that scaffold and
+``GuardSession.begin_reasoning`` swaps it for an open think block
+(``reasoning_start``) when the response reasons. ``think_close_ids`` and
+``end_of_turn_ids`` are the control tokens (and the newlines after them) that
+close the think block and the turn.
 
 Message text is encoded as ordinary text: a user who writes ``<|im_end|>``
 gets the characters, not the control token, so no prompt can close its own
@@ -25,13 +36,27 @@ from typing import Any
 
 from guard.errors import CheckpointError
 
-__all__ = ["Conversation", "encode_conversation", "encode_plain_text", "render_segments"]
+__all__ = [
+    "Conversation",
+    "empty_think_tail_ids",
+    "encode_conversation",
+    "encode_plain_text",
+    "end_of_turn_ids",
+    "render_segments",
+    "think_close_ids",
+]
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
 TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
 ASSISTANT_SCAFFOLD = f"\n{IM_START}assistant\n{THINK}\n\n{END_THINK}\n\n"
+# What follows the answer: the template closes the assistant turn.
+END_OF_TURN = (IM_END, "\n")
+# What closes a think block: then the answer, its leading newlines stripped.
+THINK_CLOSE = (END_THINK, "\n\n")
+# Ids after the generation prompt's <think> with thinking disabled: "\n\n" </think> "\n\n".
+EMPTY_THINK_TAIL_LENGTH = 3
 ROLES = ("system", "user", "assistant", "tool")
 
 Prompt = str | Sequence[Mapping[str, Any]]
@@ -47,6 +72,12 @@ class Conversation:
     @property
     def response_start(self) -> int:
         return len(self.ids)
+
+    @property
+    def reasoning_start(self) -> int:
+        """Position right after the scaffold's ``<think>``: where the think
+        block's text begins when the response reasons."""
+        return len(self.ids) - EMPTY_THINK_TAIL_LENGTH
 
 
 def encode_plain_text(tokenizer: Any, text: str) -> list[int]:
@@ -64,6 +95,31 @@ def _control_id(tokenizer: Any, token: str) -> int:
             f"the guard tokenizer has no {token} token: is this the Qwen3 tokenizer of the checkpoint?"
         )
     return token_id
+
+
+def _template_ids(tokenizer: Any, parts: tuple[str, str]) -> list[int]:
+    control, text = parts
+    return [_control_id(tokenizer, control), *encode_plain_text(tokenizer, text)]
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """``<|im_end|>`` and the ``\\n`` after it: what the template renders after
+    the answer, and what upstream's evaluation judges last."""
+    return _template_ids(tokenizer, END_OF_TURN)
+
+
+def think_close_ids(tokenizer: Any) -> list[int]:
+    """``</think>`` and the ``\\n\\n`` after it: what closes a think block."""
+    return _template_ids(tokenizer, THINK_CLOSE)
+
+
+def empty_think_tail_ids(tokenizer: Any) -> list[int]:
+    """What follows ``<think>`` in the thinking-disabled scaffold: the empty
+    think block's text ``"\\n" + "" + "\\n"`` (one ``\\n\\n`` token), then
+    ``think_close_ids``."""
+    ids = encode_plain_text(tokenizer, "\n\n") + think_close_ids(tokenizer)
+    assert len(ids) == EMPTY_THINK_TAIL_LENGTH
+    return ids
 
 
 def _content(message: Mapping[str, Any]) -> str:

@@ -79,30 +79,51 @@ def _config(
     }
 
 
-def _mark_unsafe(tensors: dict[str, torch.Tensor], token_ids: list[int]) -> None:
-    """Make the response head call exactly these tokens Unsafe (category 0).
+def _wire_risk_levels(
+    tensors: dict[str, torch.Tensor], unsafe: list[int], controversial: list[int], near_tie: float | None
+) -> None:
+    """Make the response head call exactly these tokens Unsafe (category 0)
+    or Controversial (category 7), and every other token Safe.
 
     Every token embedding gets a large constant in hidden dimension 1, the
-    chosen tokens a ten times larger one in dimension 0; these dominate the
-    residual stream of a small random model, so after the final RMSNorm
-    dimension 0 is about sqrt(hidden) at the chosen tokens and about 0
-    elsewhere, and dimension 1 the other way round. The head reads just those
-    two dimensions: Unsafe from the first, Safe from the second.
+    chosen tokens a ten times larger one in dimension 0 (Unsafe) or 2
+    (Controversial); these dominate the residual stream of a small random
+    model, so after the final RMSNorm the chosen dimension is about
+    sqrt(hidden) at the chosen tokens and about 0 elsewhere, and dimension 1
+    the other way round. The head reads just those dimensions.
+
+    ``near_tie`` (with no chosen tokens): every token gets an Unsafe logit
+    about ``near_tie`` above a Safe logit of exactly 0, and a very low
+    Controversial one: a near tie that float32 calls Unsafe and upstream's
+    bf16 arithmetic calls Safe when ``near_tie`` is below about 0.004.
     """
+    if near_tie is not None and (unsafe or controversial):
+        raise ValueError("near_tie makes every token a near tie; it takes no unsafe or controversial tokens")
+    inner = tensors["risk_level_category_pre.weight"].shape[0]
     embeddings = tensors["model.embed_tokens.weight"]
     embeddings[:, 0] = 0.0
     embeddings[:, 1] = 1.0
-    embeddings[token_ids, 0] = 10.0
+    embeddings[:, 2] = 0.0
+    embeddings[unsafe, 0] = 10.0
+    embeddings[controversial, 2] = 10.0
     pre = torch.zeros_like(tensors["risk_level_category_pre.weight"])
-    pre[0, 0] = pre[1, 1] = 1.0
+    pre[0, 0] = pre[1, 1] = pre[2, 2] = 1.0
     tensors["risk_level_category_pre.weight"] = pre
     tensors["risk_level_category_layernorm.weight"] = torch.ones_like(tensors["risk_level_category_layernorm.weight"])
     risk = torch.zeros_like(tensors["risk_level_head.weight"])
-    risk[1, 0] = 10.0  # Unsafe ← dimension 0
-    risk[0, 1] = 10.0  # Safe ← dimension 1
+    if near_tie is None:
+        risk[1, 0] = 10.0  # Unsafe ← dimension 0
+        risk[2, 2] = 10.0  # Controversial ← dimension 2
+        risk[0, 1] = 10.0  # Safe ← dimension 1
+    else:
+        # Dimension 1 is about sqrt(inner) after the head's RMSNorm; the Safe
+        # row stays 0, so the Safe logit is exactly 0.
+        risk[1, 1] = near_tie / inner**0.5
+        risk[2, 1] = -4.0
     tensors["risk_level_head.weight"] = risk
     category = torch.zeros_like(tensors["category_head.weight"])
     category[0, 0] = 10.0
+    category[7, 2] = 10.0
     tensors["category_head.weight"] = category
 
 
@@ -117,12 +138,14 @@ def write_tiny_checkpoint(
     head_dim: int = 16,
     intermediate: int = 128,
     inner: int = 32,
-    max_positions: int = 40960,
+    max_positions: int = 8192,
     dtype: torch.dtype = torch.float32,
     shards: int = 1,
     shard_dtypes: Sequence[torch.dtype] | None = None,
     seed: int = 0,
     unsafe_token_ids: Iterable[int] = (),
+    controversial_token_ids: Iterable[int] = (),
+    near_tie: float | None = None,
     drop: Iterable[str] = (),
     as_causal_lm: bool = False,
 ) -> Path:
@@ -134,7 +157,12 @@ def write_tiny_checkpoint(
 
     ``shard_dtypes``: one dtype per shard, overriding ``dtype`` (which the
     config still declares), to write what a badly merged checkpoint holds.
-    ``unsafe_token_ids``: guard tokens the response head must call Unsafe.
+    ``max_positions``: the config's ``max_position_embeddings``, 8192 like the
+    released checkpoints.
+    ``unsafe_token_ids``, ``controversial_token_ids``: guard tokens the
+    response head must call Unsafe, Controversial (every other token is then
+    Safe); ``near_tie``: make every other token a near tie instead (see
+    ``_wire_risk_levels``).
     ``drop``: tensor names to leave out; ``as_causal_lm``: write what a
     ``Qwen3ForCausalLM`` export of the model holds (an lm_head, no guard
     heads, no guard config fields) to test that such a copy is refused.
@@ -158,8 +186,9 @@ def write_tiny_checkpoint(
     for key, value in tensors.items():
         if key.endswith("norm.weight"):
             tensors[key] = 1.0 + 0.1 * torch.randn_like(value)
-    if unsafe := sorted(set(unsafe_token_ids)):
-        _mark_unsafe(tensors, unsafe)
+    unsafe, controversial = sorted(set(unsafe_token_ids)), sorted(set(controversial_token_ids))
+    if unsafe or controversial or near_tie is not None:
+        _wire_risk_levels(tensors, unsafe, controversial, near_tie)
     if as_causal_lm:
         tensors = {key: value for key, value in tensors.items() if key.startswith("model.")}
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()

@@ -146,18 +146,13 @@ def test_debounce_rolls_back_with_the_session():
 
 
 @pytest.fixture(scope="module")
-def marked_guard(tmp_path_factory):
+def marked_guard(end_guard):
     """A guard whose head calls the Qwen3 tokens of " bomb" Unsafe."""
     from guard.template import encode_plain_text
 
-    tokenizer_json = qwen3_tokenizer_path()
-    from tokenizers import Tokenizer
-
-    bomb = encode_plain_text(Tokenizer.from_file(str(tokenizer_json)), " bomb")
-    folder = write_tiny_checkpoint(
-        tmp_path_factory.mktemp("marked"), tokenizer_json=tokenizer_json, unsafe_token_ids=bomb
-    )
-    return StreamGuard.from_pretrained(folder, device="cpu"), bomb
+    bomb = encode_plain_text(end_guard.tokenizer, " bomb")
+    assert bomb == [12764]
+    return end_guard, bomb
 
 
 def test_marked_tokens_flag_the_stream_and_rollback_unflags(marked_guard):
@@ -205,14 +200,20 @@ def test_bad_ids_are_refused_and_change_nothing(tiny_guard):
     assert len(session.append([9707])) == 1
 
 
-def test_past_the_maximum_positions_is_an_error(tmp_path):
+def test_past_the_maximum_positions_is_an_error_when_the_policy_says_so(tmp_path):
     folder = write_tiny_checkpoint(tmp_path, tokenizer_json=qwen3_tokenizer_path(), max_positions=24)
-    session = StreamGuard.from_pretrained(folder, device="cpu").session()
+    session = StreamGuard.from_pretrained(folder, device="cpu").session(Policy(context_limit="error"))
     session.moderate_prompt("hi")  # 13 tokens with the scaffold
     session.append([9707] * (24 - session.position))
     with pytest.raises(ContextLengthError, match="would pass the model's 24 positions"):
         session.append([9707])
     assert session.position == 24
+    # a prompt longer than the limit: refused whole, or judged and marked
+    guard = session.guard
+    with pytest.raises(ContextLengthError, match="context_limit='continue'"):
+        guard.session(Policy(context_limit="error")).moderate_prompt("word " * 30)
+    verdict = guard.session().moderate_prompt("word " * 30)
+    assert verdict.position >= 24 and verdict.past_trained_length
 
 
 def test_closed_sessions_refuse_use(tiny_guard):
@@ -260,3 +261,123 @@ def test_cuda_session_matches_cpu(tiny_checkpoint):
         session.append(ids)
     cpu, cuda = (s.last_logits.risk_level.float().cpu() for s in sessions)
     assert (cpu - cuda).abs().max() <= 1e-3
+
+
+# --- the end of turn and the think block ------------------------------------------
+
+IM_END, NEWLINE, DOUBLE_NEWLINE, END_THINK = 151645, 198, 271, 151668
+NEWLINE_SPACE_NEWLINE = 26809  # newline, space, newline
+
+
+@pytest.fixture(scope="module")
+def end_guard(tmp_path_factory):
+    """A guard that calls " bomb", "bomb", newline-space-newline and <|im_end|> Unsafe."""
+    folder = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("end"),
+        tokenizer_json=qwen3_tokenizer_path(),
+        unsafe_token_ids=[12764, 78344, NEWLINE_SPACE_NEWLINE, IM_END],
+    )
+    return StreamGuard.from_pretrained(folder, device="cpu")
+
+
+def test_finish_judges_the_end_of_turn_and_debounces_it(end_guard):
+    session = end_guard.session()
+    session.moderate_prompt("Tell me a story")
+    answer = session.append([9707, 1879, 12764])  # "Hello world bomb": one Unsafe token, not flagged
+    assert answer[-1].risk_level == "Unsafe" and not session.flagged
+    end = session.finish()
+    assert [v.position for v in end] == [session.position - 2, session.position - 1]
+    assert end[0].risk_level == "Unsafe" and end[0].flagged and end[0].flagged_at == end[0].position
+    assert session.flagged and session.flagged_at == end[0].position and session.finished
+    # exactly the ids the template renders after the answer
+    ids = [*encode_conversation(end_guard.tokenizer, "Tell me a story").ids, 9707, 1879, 12764, IM_END, NEWLINE]
+    risk, _, _ = full_forward(end_guard, ids)
+    assert (session.last_logits.risk_level - risk[-2:]).abs().max() <= TOLERANCE
+
+
+def test_after_finish_only_a_rollback_goes_on(end_guard):
+    session = end_guard.session()
+    session.moderate_prompt("hi")
+    session.append([9707, 12764])
+    session.finish()
+    with pytest.raises(SessionStateError, match="finish\\(\\) appended the end of turn"):
+        session.append([9707])
+    with pytest.raises(SessionStateError, match="inside the end of turn"):
+        session.rollback(session.position - 1)
+    session.rollback(session.position - 2)  # takes the end of turn back
+    assert not session.finished and not session.flagged
+    assert not session.append([1879])[-1].flagged
+    assert not session.finish()[-1].flagged  # "world" is Safe: the end of turn alone does not flag
+
+
+def test_reasoning_replaces_the_empty_think_block_and_is_judged_from_its_second_token(end_guard):
+    session = end_guard.session()
+    session.moderate_prompt("hi")
+    conversation = encode_conversation(end_guard.tokenizer, "hi")
+    assert session.response_start == conversation.response_start == conversation.reasoning_start + 3
+    session.begin_reasoning()
+    assert session.position == session.response_start == conversation.reasoning_start
+    assert session.reasoning_open and session.answer_start is None
+    # The block's text, newline + " <newline>bomb is fine" + newline: its first
+    # token (newline, space, newline) is Unsafe, and so is "bomb", but
+    # upstream's thinking mode judges from the block's second token on: not flagged
+    think_text = [NEWLINE_SPACE_NEWLINE, 78344, 374, 6915, NEWLINE]
+    verdicts = session.append(think_text)
+    assert [v.risk_level for v in verdicts[:2]] == ["Unsafe", "Unsafe"] and not session.flagged
+    close = session.end_reasoning()
+    assert [v.position for v in close] == [session.position - 2, session.position - 1]
+    assert session.answer_start == session.position and not session.reasoning_open
+    session.append([9707, 1879])
+    session.finish()
+    assert not session.flagged
+    ids = conversation.ids[: conversation.reasoning_start] + think_text
+    ids += [END_THINK, DOUBLE_NEWLINE, 9707, 1879, IM_END, NEWLINE]
+    rendered = end_guard.tokenizer.decode(ids, skip_special_tokens=False)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n \nbomb is fine\n</think>\n\nHello world<|im_end|>\n")
+    risk, _, _ = full_forward(end_guard, ids)
+    assert session.last_logits.risk_level.shape[0] == 2
+    assert (session.last_logits.risk_level - risk[-2:]).abs().max() <= TOLERANCE
+
+
+def test_reasoning_state_errors_say_what_to_do(end_guard):
+    session = end_guard.session()
+    with pytest.raises(SessionStateError, match="moderate_prompt"):
+        session.begin_reasoning()
+    session.moderate_prompt("hi")
+    with pytest.raises(SessionStateError, match="no think block is open"):
+        session.end_reasoning()
+    session.append([9707])
+    with pytest.raises(SessionStateError, match="before any answer id"):
+        session.begin_reasoning()
+    session.rollback(session.response_start)
+    session.begin_reasoning()
+    with pytest.raises(SessionStateError, match="holds no text"):
+        session.end_reasoning()
+    session.append([DOUBLE_NEWLINE])
+    with pytest.raises(SessionStateError, match="still open"):
+        session.finish()
+    with pytest.raises(SessionStateError, match="roll back to response_start"):
+        session.cancel_reasoning()
+    session.end_reasoning()
+    with pytest.raises(SessionStateError, match="inside </think>"):
+        session.rollback(session.position - 1)
+    session.rollback(session.position - 2)  # reopens the block
+    assert session.reasoning_open
+
+
+def test_cancel_reasoning_gives_back_the_thinking_disabled_scaffold(end_guard):
+    plain = end_guard.session()
+    plain.moderate_prompt("hi")
+    expected = plain.append([9707, 12764, 12764])
+    session = end_guard.session()
+    session.moderate_prompt("hi")
+    session.begin_reasoning()
+    session.append([DOUBLE_NEWLINE])
+    session.rollback(session.response_start)
+    scaffold = session.cancel_reasoning()
+    assert [v.position for v in scaffold] == [plain.response_start - 3 + i for i in range(3)]
+    assert not session.reasoning and session.response_start == plain.response_start
+    got = session.append([9707, 12764, 12764])
+    assert [(v.position, v.risk_level, v.flagged, v.flagged_at) for v in got] == [
+        (v.position, v.risk_level, v.flagged, v.flagged_at) for v in expected
+    ]

