@@ -61,7 +61,7 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], revision: str | Non
         raise CheckpointError(
             f"could not load {name!r}: it is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
             f"downloading it failed ({type(error).__name__}: {error}). On a machine with internet run "
-            f"`huggingface-cli download {name}` and copy the cache, or pass the path of a local "
+            f"`hf download {name}` and copy the cache, or pass the path of a local "
             "checkpoint folder instead"
         ) from error
 

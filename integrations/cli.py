@@ -12,12 +12,17 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 __all__ = ["main"]
 
+# The same as guard.stream_guard.DEFAULT_GUARD (a test checks), spelled out so
+# that building the parser (--help, bridge) does not import torch.
+DEFAULT_GUARD = "Qwen/Qwen3Guard-Stream-0.6B"
 TINY_WARNING = (
     "DEMO GUARD: a tiny randomly initialised Qwen3Guard-Stream checkpoint. Its verdicts are MEANINGLESS; "
     "only the pipeline (tokenizers, re-tokenization, KV-cached guard, verdict mapping) is real."
@@ -33,6 +38,22 @@ DEMO_CONVERSATIONS = [
 DEMO_UNSAFE_TEXT = " dynamite"
 _COLOURS = {"Safe": "\x1b[32m", "Controversial": "\x1b[33m", "Unsafe": "\x1b[31m"}
 _RESET, _INVERSE = "\x1b[0m", "\x1b[7m"
+PROGRESS_MIN_TOKENS = 500  # smaller inputs finish before a bar is worth drawing
+EXIT_LINE_FAILED, EXIT_SETUP, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 1, 2, 130, 141
+EXIT_STATUS = (
+    "exit status: 0 every line was judged; 1 a line could not be judged (it got an error row, the others were "
+    "judged); 2 a setup error (no input file, no such device, not a checkpoint, an unknown tokenizer) or a usage "
+    "error; 130 interrupted; 141 standard output was closed early (piped into head, say), as for a process "
+    "stopped by SIGPIPE"
+)
+
+
+class SetupError(Exception):
+    """The run cannot start (one sentence for the user; exit status 2)."""
+
+
+class LineError(Exception):
+    """One input line cannot be judged; the others still are."""
 
 
 # --- loading ----------------------------------------------------------------
@@ -43,28 +64,56 @@ def load_generator_tokenizer(name_or_path: str) -> Any:
     .model, or a local transformers tokenizer folder."""
     from adapter.bundled_tokenizers import GENERATORS, generator_tokenizer
 
-    if name_or_path in GENERATORS:
-        return generator_tokenizer(name_or_path)
     path = Path(name_or_path)
-    if path.is_file() and path.suffix == ".json":
-        from tokenizers import Tokenizer
+    try:
+        if name_or_path in GENERATORS:
+            return generator_tokenizer(name_or_path)
+        if path.is_file() and path.suffix == ".json":
+            from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path))
-    if path.is_file() and path.suffix == ".model":
-        import sentencepiece
+            return Tokenizer.from_file(str(path))
+        if path.is_file() and path.suffix == ".model":
+            import sentencepiece
 
-        return sentencepiece.SentencePieceProcessor(model_file=str(path))
-    if path.is_dir():
-        from transformers import AutoTokenizer
+            return sentencepiece.SentencePieceProcessor(model_file=str(path))
+        if path.is_dir():
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    raise SystemExit(
-        f"crossguard: no generator tokenizer {name_or_path!r}: give one of {', '.join(GENERATORS)}, "
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:  # tokenizers and sentencepiece raise bare exceptions for damaged files
+        raise SetupError(f"could not load the generator tokenizer {name_or_path!r}: {_one_line(error)}") from error
+    raise SetupError(
+        f"no generator tokenizer {name_or_path!r}: give one of {', '.join(GENERATORS)}, "
         "a tokenizer.json, a SentencePiece .model or a local tokenizer folder"
     )
 
 
-def tiny_guard(folder: str, unsafe_text: str | None = None) -> Any:
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise SetupError(f"--device {device!r} is not a device torch knows ({_one_line(error)})") from error
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA GPU visible"
+            raise SetupError(
+                f"--device {device}: this machine has no CUDA device torch can use ({build}, torch "
+                f"{torch.__version__}); leave --device out or pass --device cpu"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    try:
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as error:  # torch asserts for a backend it was built without
+        raise SetupError(f"--device {device}: {_one_line(error)}") from error
+
+
+def tiny_guard(folder: str, unsafe_text: str | None = None, device: str | None = None) -> Any:
     from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
     from adapter.retokenize import encode_ordinary
     from guard import StreamGuard
@@ -72,61 +121,186 @@ def tiny_guard(folder: str, unsafe_text: str | None = None) -> Any:
 
     unsafe = encode_ordinary(qwen3_tokenizer(), unsafe_text) if unsafe_text else ()
     write_tiny_checkpoint(folder, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe)
-    return StreamGuard.from_pretrained(folder, device="cpu")
+    return StreamGuard.from_pretrained(folder, device=device or "cpu")
 
 
 def load_guard(args: argparse.Namespace, folder: str) -> Any:
-    from guard import CheckpointError, StreamGuard
+    from guard import GuardError, StreamGuard
 
     if args.tiny:
         print(TINY_WARNING, file=sys.stderr)
-        return tiny_guard(folder)
+        return tiny_guard(folder, device=args.device)
     try:
         return StreamGuard.from_pretrained(args.guard, device=args.device)
-    except CheckpointError as error:
-        raise SystemExit(
-            f"crossguard: {error}\n(or run with --tiny to see the pipeline on a random demo guard)"
+    except (GuardError, OSError) as error:
+        raise SetupError(
+            f"{_one_line(error)} (or run with --tiny to see the pipeline on a random demo guard)"
         ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --- input lines ------------------------------------------------------------
+
+_JSON_TYPES = {bool: "true or false", int: "a number", float: "a number", str: "a string", list: "an array"}
+
+
+def _json_type(value: Any) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def parse_line(line: bytes | str) -> dict:
+    """One JSONL record, checked: 'prompt' (text, or a non-empty list of chat
+    message objects) and 'response' (text) or 'response_ids' (ints)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise LineError(f"not UTF-8 text ({error})") from None
+    try:
+        record = json.loads(line.removeprefix("\ufeff"))  # a byte order mark is not part of the JSON
+    except json.JSONDecodeError as error:
+        raise LineError(f"not JSON ({error})") from None
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        surrogate = error.object[error.start : error.end].encode("unicode_escape").decode()
+        raise LineError(f"holds an unpaired UTF-16 surrogate escape ({surrogate}), which is not text") from None
+    if not isinstance(record, dict):
+        raise LineError(
+            f"expected a JSON object with 'prompt' and 'response' or 'response_ids', got {_json_type(record)}"
+        )
+    if "prompt" not in record or not ({"response", "response_ids"} & record.keys()):
+        missing = "'prompt'" if "prompt" not in record else "'response' or 'response_ids'"
+        raise LineError(f"the object has no {missing}; each line needs 'prompt' and 'response' or 'response_ids'")
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        if not prompt:
+            raise LineError("'prompt' is an empty list; give the user's text or a list of chat messages")
+        if not all(isinstance(message, dict) for message in prompt):
+            raise LineError("'prompt' must be text or a list of chat message objects ({'role': ..., 'content': ...})")
+    elif not isinstance(prompt, str):
+        raise LineError(f"'prompt' must be text or a list of chat messages, got {_json_type(prompt)}")
+    if record.get("response_ids") is not None:
+        ids = record["response_ids"]
+        if not isinstance(ids, list):
+            raise LineError(f"'response_ids' must be an array of integer token ids, got {_json_type(ids)}")
+        if not all(type(token_id) is int for token_id in ids):
+            raise LineError("'response_ids' must hold integer token ids only")
+    elif not isinstance(record.get("response"), str):
+        raise LineError(f"'response' must be text, got {_json_type(record.get('response'))}")
+    return record
+
+
+@dataclass
+class Job:
+    """One input line: its record and generator ids, or why it cannot be judged."""
+
+    line: int
+    record: dict | None = None
+    ids: list[int] | None = None
+    error: str | None = None
+
+
+def read_jobs(lines: Iterable[bytes | str], generator: Any) -> list[Job]:
+    """Every non-blank input line, parsed and encoded (so the token count is
+    known before the first is judged); a bad line becomes a Job with an error."""
+    from adapter.bundled_tokenizers import encode_text
+
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_line(line)
+            ids = record.get("response_ids")
+            if ids is None:
+                try:
+                    ids = encode_text(generator, record["response"])
+                except Exception as error:  # tokenizers raise bare exceptions
+                    raise LineError(f"the generator tokenizer cannot encode 'response' ({_one_line(error)})") from None
+            jobs.append(Job(number, record, ids))
+        except LineError as error:
+            jobs.append(Job(number, error=str(error)))
+    return jobs
 
 
 # --- moderation -------------------------------------------------------------
 
 
-def read_records(stream: TextIO) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(stream, 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"crossguard: line {number} is not JSON: {error}") from error
-            if "prompt" not in record or not ({"response", "response_ids"} & record.keys()):
-                raise SystemExit(f"crossguard: line {number} needs 'prompt' and 'response' or 'response_ids'")
-            yield number, record
-
-
-def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progress: Any = None):
+def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progress: Any = None,
+                    ids: list[int] | None = None):  # fmt: skip
     """(query verdict, judged pieces, generator ids) for one recorded
     conversation, streamed one generator token at a time as a live model
-    would produce it."""
+    would produce it. Raises LineError (or the library's error) when the
+    conversation cannot be judged."""
     from adapter import GuardAdapter
-    from adapter.bundled_tokenizers import encode_text
+    from adapter.bundled_tokenizers import decode_ids, encode_text
+    from adapter.errors import TokenIdError as AdapterTokenIdError
+    from adapter.retokenize import encode_ordinary
+    from guard import ContextLengthError
 
-    ids = record.get("response_ids")
     if ids is None:
-        ids = encode_text(generator, record["response"])
+        ids = record.get("response_ids")
+        ids = list(ids) if ids is not None else encode_text(generator, record["response"])
+    limit = guard.config.max_position_embeddings
     with guard.session(policy) as session:
         adapter = GuardAdapter(session, generator)
-        query = adapter.moderate_prompt(record["prompt"])
+        try:
+            query = adapter.moderate_prompt(record["prompt"])
+        except ContextLengthError:
+            raise LineError(
+                f"the prompt alone is longer than the guard's context of {limit:,} positions "
+                "(--context-limit continue judges past it)"
+            ) from None
+        # Under context_limit="error", refuse a response that cannot fit at
+        # once, rather than after judging most of it.
+        fail_closed = getattr(policy, "context_limit", "error") == "error"
+        text = None
+        if fail_closed:
+            text = record["response"] if record.get("response_ids") is None else _decoded(decode_ids, generator, ids)
+        if text is not None:
+            needed = len(encode_ordinary(guard.tokenizer, text))
+            if session.position + needed > limit:
+                raise LineError(
+                    f"the conversation needs {session.position + needed:,} guard positions (prompt "
+                    f"{session.position:,} + response {needed:,}), past the guard's context of {limit:,} "
+                    "(--context-limit continue judges past it)"
+                )
         pieces = []
-        for token_id in ids:
-            pieces += adapter.push_ids(token_id)
-            if progress is not None:
-                progress.update(1)
-        pieces += adapter.finish()
-    return query, pieces, list(ids)
+        push = adapter.push_ids
+        try:
+            if progress is None:
+                for token_id in ids:
+                    pieces += push(token_id)
+            else:
+                for token_id in ids:
+                    pieces += push(token_id)
+                    progress.update(1)
+            pieces += adapter.finish()
+        except ContextLengthError:
+            raise LineError(
+                f"the conversation passed the guard's context of {limit:,} positions at generator token "
+                f"{adapter.pushed - 1} of {len(ids)} (--context-limit continue judges past it)"
+            ) from None
+        except AdapterTokenIdError as error:
+            raise LineError(f"'response_ids': {error}") from None
+    return query, pieces, ids
 
 
-VERDICT_KEYS = ("position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at")
+def _decoded(decode_ids: Any, generator: Any, ids: list[int]) -> str | None:
+    try:
+        return decode_ids(generator, ids)
+    except Exception:  # an id the tokenizer does not have: pushing it says so, with the id
+        return None
+
+
+VERDICT_KEYS = (
+    "position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at",
+    "past_trained_length",
+)  # fmt: skip
 
 
 def verdict_fields(verdict: Any) -> dict:
@@ -143,6 +317,7 @@ def verdict_fields(verdict: Any) -> dict:
         "unsafe": verdict.unsafe,
         "flagged": verdict.flagged,
         "flagged_at": getattr(verdict, "flagged_at", None),
+        "past_trained_length": getattr(verdict, "past_trained_length", False),
     }
 
 
@@ -152,71 +327,193 @@ def token_fields(index: int | None, generator_id: int | None, text: str, start: 
     return {"generator_token": index, "generator_id": generator_id, "text": text, "start": start, "end": end}
 
 
+_to_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) builds one per call
+
+
 def print_json(number: int, query: Any, pieces: list, out: TextIO, ids: list[int] | None = None) -> None:
-    out.write(json.dumps({"line": number, "kind": "query", **verdict_fields(query)}, ensure_ascii=False) + "\n")
+    rows = [_to_json({"line": number, "kind": "query", **verdict_fields(query)})]
     for piece in pieces:
         generator_id = ids[piece.index] if ids is not None and piece.index < len(ids) else None
         row = {"line": number, "kind": "token", **token_fields(piece.index, generator_id, piece.text, piece.start,
                piece.end), "lag": piece.lag, **verdict_fields(piece.verdict)}  # fmt: skip
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        rows.append(_to_json(row))
+    out.write("\n".join(rows) + "\n")
+
+
+def print_error(number: int, message: str, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        out.write(_to_json({"line": number, "kind": "error", "error": message}) + "\n")
+    else:
+        out.write(f"── line {number} ──\nerror:    {message}\n")
+
+
+def _paint(text: str, verdict: Any, colour: bool) -> str:
+    if not colour or verdict is None:
+        return text
+    return (_INVERSE if verdict.flagged else "") + _COLOURS.get(verdict.risk_level, "") + text + _RESET
+
+
+def colour_legend() -> str:
+    """One line naming what each colour of the view means."""
+    levels = "  ".join(_COLOURS[level] + level + _RESET for level in _COLOURS)
+    return (f"colours: {levels}  {_INVERSE}{_COLOURS['Unsafe']}inverse{_RESET} = flagged by the debounced "
+            f"policy; plain = no verdict yet")  # fmt: skip
 
 
 def print_view(number: int, record: dict, query: Any, pieces: list, out: TextIO, colour: bool) -> None:
-    def paint(text: str, verdict: Any) -> str:
-        if not colour or verdict is None:
-            return text
-        return (_INVERSE if verdict.flagged else "") + _COLOURS.get(verdict.risk_level, "") + text + _RESET
-
-    prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
-    out.write(f"── line {number} ──\nprompt:   {paint(prompt, query)}\n")
-    out.write(f"          query verdict {query.risk_level} ({query.risk_prob:.2f})"
-              f"{'' if query.category is None else ', ' + query.category}\n")  # fmt: skip
-    out.write("response: " + "".join(paint(piece.text, piece.verdict) for piece in pieces) + "\n")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        prompt = prompt[-1].get("content") or ""
+        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    lines = [f"── line {number} ──", f"prompt:   {_paint(prompt, query, colour)}",
+             f"          query verdict {query.risk_level} ({query.risk_prob:.2f})"
+             f"{'' if query.category is None else ', ' + query.category}",
+             "response: " + "".join(_paint(piece.text, piece.verdict, colour) for piece in pieces)]  # fmt: skip
     flagged = next((piece for piece in pieces if piece.flagged), None)
     if flagged is None:
-        out.write("          not flagged\n")
+        lines.append("          not flagged")
     else:
-        out.write(f"          FLAGGED at generator token {flagged.index} ({flagged.text!r}): "
-                  f"{flagged.verdict.risk_level}, {flagged.verdict.category}\n")  # fmt: skip
+        lines.append(f"          FLAGGED at generator token {flagged.index} ({flagged.text!r}): "
+                     f"{flagged.verdict.risk_level}, {flagged.verdict.category}")  # fmt: skip
     lags = sorted(piece.lag for piece in pieces)
     if lags:
-        out.write(f"          lag in generator tokens: median {lags[len(lags) // 2]}, "
-                  f"max {lags[-1]}\n")  # fmt: skip
+        lines.append(f"          lag in generator tokens: median {lags[len(lags) // 2]}, max {lags[-1]}")
+    out.write("\n".join(lines) + "\n")
 
 
-def run_moderation(guard: Any, generator: Any, records: list[tuple[int, dict]], args: argparse.Namespace) -> int:
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def use_colour(choice: str, stream: Any) -> bool:
+    """--color always/never; auto: a terminal, unless NO_COLOR is set to
+    anything non-empty (https://no-color.org; --color always overrides it)."""
+    if choice != "auto":
+        return choice == "always"
+    return _isatty(stream) and not os.environ.get("NO_COLOR")
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A bar with a total and an ETA on a terminal only: never ``\\r``
+    updates into a log file or a pipe."""
+    if not enabled or total < PROGRESS_MIN_TOKENS or not _isatty(sys.stderr):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the demo extra is not installed: no bar
+        return None
+    return tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, desc="moderating", leave=False,
+                dynamic_ncols=True)  # fmt: skip
+
+
+def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.Namespace) -> int:
     from guard import Policy
 
-    policy = Policy(mode=args.mode, debounce=args.debounce)
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    total = sum(len(r.get("response_ids") or r.get("response", "")) for _, r in records)
-    progress = None
-    if total > 5_000 and not args.no_progress:
-        from tqdm import tqdm
+    policy = Policy(mode=args.mode, debounce=args.debounce, context_limit=args.context_limit)
+    out = sys.stdout
+    colour = not args.json and use_colour(args.color, out)
+    progress = progress_bar(sum(len(job.ids) for job in jobs if job.ids is not None), not args.no_progress)
+    judged, flagged, failed = 0, 0, []
+    if colour:
+        out.write(colour_legend() + "\n")
+    try:
+        for job in jobs:
+            result = error = None
+            if job.error is not None:
+                error = job.error
+            else:
+                done = progress.n if progress is not None else 0
+                try:
+                    result = moderate_record(guard, generator, job.record, policy, progress, job.ids)
+                except BrokenPipeError:
+                    raise
+                except Exception as problem:
+                    error = str(problem) if isinstance(problem, LineError) else _library_error(problem)
+                    if progress is not None:  # count the tokens of the failed line as done
+                        progress.update(done + len(job.ids) - progress.n)
+            if progress is not None:
+                progress.clear()
+            if error is not None:
+                failed.append(job.line)
+                print_error(job.line, error, out, args.json)
+            else:
+                query, pieces, ids = result
+                judged += 1
+                flagged += any(piece.flagged for piece in pieces)
+                if args.json:
+                    print_json(job.line, query, pieces, out, ids)
+                else:
+                    print_view(job.line, job.record, query, pieces, out, colour)
+            out.flush()
+            if progress is not None:
+                progress.refresh()
+            if error is not None and args.fail_fast:
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+    summary = f"{len(jobs)} lines: {judged} judged, {flagged} flagged, {len(failed)} failed"
+    if failed:
+        shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
+        summary += f" (line{'s' if len(failed) > 1 else ''} {shown})"
+        if args.fail_fast and judged + len(failed) < len(jobs):
+            summary += f"; --fail-fast stopped at line {failed[-1]}"
+    print(summary, file=sys.stderr)
+    return EXIT_LINE_FAILED if failed else 0
 
-        progress = tqdm(total=None, unit="tok", file=sys.stderr, desc="moderating")
-    flagged = 0
-    for number, record in records:
-        query, pieces, ids = moderate_record(guard, generator, record, policy, progress)
-        flagged += any(piece.flagged for piece in pieces)
-        if args.json:
-            print_json(number, query, pieces, sys.stdout, ids)
-        else:
-            print_view(number, record, query, pieces, sys.stdout, colour)
-    if progress is not None:
-        progress.close()
-    print(f"{len(records)} conversations, {flagged} flagged", file=sys.stderr)
-    return 0
+
+def _library_error(error: Exception) -> str:
+    """One line for an error the guard or adapter raised on this conversation."""
+    from adapter.errors import AdapterError
+    from guard import GuardError
+
+    if isinstance(error, GuardError | AdapterError | ValueError | TypeError):
+        return _one_line(error)
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
+def _read_input(name: str) -> list[bytes | str]:
+    if name == "-":
+        stream: BinaryIO | TextIO = getattr(sys.stdin, "buffer", sys.stdin)
+        return list(stream)
+    try:
+        with open(name, "rb") as stream:
+            return list(stream)
+    except FileNotFoundError:
+        raise SetupError(f"no input file {name!r}") from None
+    except IsADirectoryError:
+        raise SetupError(f"{name!r} is a folder; give a JSONL file, or - for standard input") from None
+    except OSError as error:
+        raise SetupError(f"cannot read {name!r}: {error.strerror or error}") from None
+
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """CPU threads for the guard: --threads, else 1 for the tiny guard (its
+    matrices are too small to share out, and on a shared machine a second
+    thread that waits for a busy core made it 7-40x slower), else torch's
+    default."""
+    return args.threads if args.threads is not None else 1 if args.tiny else None
 
 
 def _moderate(args: argparse.Namespace) -> int:
-    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    with stream:
-        records = list(read_records(stream))
+    lines = _read_input(args.input)
+    check_device(args.device)
     generator = load_generator_tokenizer(args.generator)
-    with tempfile.TemporaryDirectory() as folder:
-        guard = load_guard(args, folder)
-        return run_moderation(guard, generator, records, args)
+    jobs = read_jobs(lines, generator)
+    import torch
+
+    threads, before = _threads(args), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            guard = load_guard(args, folder)
+            return run_moderation(guard, generator, jobs, args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -224,11 +521,18 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"(The demo guard is wired so that the Qwen3 tokens of {DEMO_UNSAFE_TEXT!r} are 'Unsafe', "
           f"so you can watch a response get flagged mid-sentence.)\n")  # fmt: skip
     generator = load_generator_tokenizer(args.generator)
-    with tempfile.TemporaryDirectory() as folder:
-        guard = tiny_guard(folder, DEMO_UNSAFE_TEXT)
-        records = list(enumerate(DEMO_CONVERSATIONS, 1))
-        args.json, args.no_progress = False, True
-        return run_moderation(guard, generator, records, args)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            guard = tiny_guard(folder, DEMO_UNSAFE_TEXT)
+            jobs = read_jobs([json.dumps(record) for record in DEMO_CONVERSATIONS], generator)
+            args.json, args.no_progress, args.fail_fast = False, True, False
+            return run_moderation(guard, generator, jobs, args)
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- the bridge ---------------------------------------------------------------
@@ -279,62 +583,148 @@ def _bridge_row(row: dict) -> str:
 # --- arguments -----------------------------------------------------------------
 
 
-def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (a
+    flag that is off, or a default the help text explains); descriptions are
+    wrapped by ``_paragraphs``, so that examples keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _paragraphs(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in paragraphs)
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser, generator: str) -> None:
     from adapter.bundled_tokenizers import GENERATORS
 
-    parser.add_argument("--generator", default="llama3", help=f"generator tokenizer: {', '.join(GENERATORS)} or a path")
-    parser.add_argument("--mode", default="strict", choices=["strict", "loose"])
-    parser.add_argument("--debounce", default="official", choices=["official", "report"])
-    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"])
+    parser.add_argument(
+        "--generator", default=generator, metavar="NAME_OR_PATH",
+        help=f"the chat model's tokenizer: {', '.join(GENERATORS)}, a tokenizer.json, a SentencePiece .model "
+        "or a local tokenizer folder",
+    )  # fmt: skip
+    parser.add_argument("--mode", default="strict", choices=["strict", "loose"],
+                        help="strict counts Controversial as Unsafe, loose as Safe")  # fmt: skip
+    parser.add_argument("--debounce", default="official", choices=["official", "report"],
+                        help="official: two consecutive Unsafe, else two consecutive Controversial tokens flag the "
+                        "response (the evaluation code); report: two consecutive unsafe tokens (the technical "
+                        "report)")  # fmt: skip
+    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                        help="colour the view by verdict; auto: on a terminal, unless the NO_COLOR environment "
+                        "variable is set")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from guard.stream_guard import DEFAULT_GUARD
-
     parser = argparse.ArgumentParser(
-        prog="crossguard", description="Moderate non-Qwen chat models with Qwen3Guard-Stream, token by token."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+        prog="crossguard", description="Moderate non-Qwen chat models with Qwen3Guard-Stream, token by token.",
+        epilog=__doc__.split("\n\n", 1)[1].strip() + "\n\n" + _paragraphs(EXIT_STATUS),
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,moderate,bridge}")
 
-    demo = commands.add_parser("demo", help="run the whole pipeline on a tiny random guard (meaningless verdicts)")
-    _add_policy_arguments(demo)
-    demo.set_defaults(run=_demo, generator="mistral-v3")
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline on a tiny random guard (meaningless verdicts)",
+        description=_paragraphs("Moderate two built-in conversations with a tiny random guard wired so that "
+                                "' dynamite' is Unsafe, and show each generator token coloured by its verdict."),
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    _add_policy_arguments(demo, generator="mistral-v3")
+    demo.set_defaults(run=_demo, context_limit="error")
 
     moderate = commands.add_parser(
-        "moderate",
-        help="moderate recorded conversations (JSONL)",
-        description="Each JSONL line holds 'prompt' (text or chat messages) and 'response' (text, encoded with "
-        "the generator tokenizer) or 'response_ids' (the generator's token ids). The response is streamed one "
-        "generator token at a time through the guard.",
-    )
+        "moderate", help="moderate recorded conversations (JSONL)",
+        description=_paragraphs(
+            "Each JSONL line holds 'prompt' (text or chat messages) and 'response' (text, encoded with the "
+            "generator tokenizer) or 'response_ids' (the generator's token ids). The response is streamed one "
+            "generator token at a time through the guard. A line that cannot be judged gets an error row (with "
+            "--json, {\"line\": N, \"kind\": \"error\", \"error\": ...}) and the others are still judged; a "
+            "summary goes to standard error.", EXIT_STATUS,
+        ),
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
     moderate.add_argument("input", help="a JSONL file, or - for standard input")
+    moderate.add_argument("--guard", default=DEFAULT_GUARD, metavar="FOLDER_OR_HUB_ID",
+                          help="Qwen3Guard-Stream checkpoint folder, or hub id (read from the Hugging Face cache, "
+                          "else downloaded)")  # fmt: skip
+    moderate.add_argument("--tiny", action="store_true",
+                          help="use a tiny random guard instead of --guard (meaningless verdicts)")  # fmt: skip
+    moderate.add_argument("--device", default=None,
+                          help="torch device for the guard, e.g. cpu, cuda, cuda:1 (default: CUDA when available, "
+                          "else the CPU; the CPU with --tiny)")  # fmt: skip
+    moderate.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                          help="CPU threads for the guard (default: 1 with --tiny, whose matrices are too small "
+                          "to share out; else torch's default)")  # fmt: skip
+    moderate.add_argument("--context-limit", default="error", choices=["error", "continue"],
+                          help="a conversation longer than the guard's context (its max_position_embeddings, 8192 "
+                          "for the released checkpoints, the length it was trained on): error gives that line an "
+                          "error row; continue judges past it, as upstream's code does, its rows marked "
+                          "past_trained_length")  # fmt: skip
+    moderate.add_argument("--json", action="store_true",
+                          help="print JSON lines (see the README) instead of the coloured view")  # fmt: skip
     moderate.add_argument(
-        "--guard", default=DEFAULT_GUARD, help=f"checkpoint folder or hub id (default {DEFAULT_GUARD})"
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first line that cannot be judged (default: report it and go on)",
     )
-    moderate.add_argument("--tiny", action="store_true", help="use a tiny random guard (meaningless verdicts)")
-    moderate.add_argument("--device", default=None)
-    moderate.add_argument("--json", action="store_true", help="print JSON lines instead of the coloured view")
-    moderate.add_argument("--no-progress", action="store_true")
-    _add_policy_arguments(moderate)
+    moderate.add_argument("--no-progress", action="store_true",
+                          help="no progress bar (default: one on long inputs, only when standard error is a "
+                          "terminal)")  # fmt: skip
+    _add_policy_arguments(moderate, generator="llama3")
     moderate.set_defaults(run=_moderate)
 
     bridge = commands.add_parser(
-        "bridge",
-        help="show how a generator's tokens become stable Qwen3 ids",
-        description="Encode TEXT with a generator tokenizer, stream its ids one at a time through "
-        "SourceDecoder and StableRetokenizer, and print what each id releases.",
-    )
+        "bridge", help="show how a generator's tokens become stable Qwen3 ids",
+        description=_paragraphs("Encode TEXT with a generator tokenizer, stream its ids one at a time through "
+                                "SourceDecoder and StableRetokenizer, and print what each id releases."),
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
     bridge.add_argument("text", nargs="?", help="the response text (default: read standard input)")
-    bridge.add_argument("--generator", default="llama3")
-    bridge.add_argument("--json", action="store_true", help="print JSON lines")
+    bridge.add_argument("--generator", default="llama3", metavar="NAME_OR_PATH",
+                        help="the chat model's tokenizer (a bundled name or a path, as for moderate)")  # fmt: skip
+    bridge.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     bridge.set_defaults(run=_bridge)
     return parser
+
+
+def _silence_stdout() -> None:
+    """The reader of standard output went away: point it at /dev/null so that
+    Python's final flush does not print a BrokenPipeError of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass  # not a real file (captured in-process): nothing will flush into a pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return status
+    except SetupError as error:
+        print(f"crossguard: {error}", file=sys.stderr)
+        return EXIT_SETUP
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_CLOSED_PIPE
+    except KeyboardInterrupt:
+        print("crossguard: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

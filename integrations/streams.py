@@ -80,6 +80,8 @@ class GuardStreams:
         self._prefix_pieces: dict[StreamKey, int] = {}
         self._finished: set[StreamKey] = set()
         self._flags: dict[StreamKey, Any] = {}  # the verdict that flagged each flagged stream
+        self._flag_spans: dict[StreamKey, tuple[int, int]] = {}  # text offsets of the two tokens that flagged
+        self._last_start: dict[StreamKey, int] = {}  # start offset of the last guard token judged
         self._closed = False
 
     # --- streams ----------------------------------------------------------
@@ -139,6 +141,12 @@ class GuardStreams:
         """The text pushed to a stream so far (without the prefix)."""
         return "".join(self._generated.get(key, ()))
 
+    def pushed(self, key: StreamKey) -> int:
+        """Source pieces pushed to a stream (the prefix counts as one): the
+        last delta pushed is the piece of index ``pushed(key) - 1``."""
+        adapter = self._adapters.get(key)
+        return 0 if adapter is None else adapter.pushed
+
     def replace(self, key: StreamKey, text: str) -> list[JudgedPiece]:
         """Make the stream's text ``text``: push what extends what was pushed,
         or roll the stream back to its start and judge ``text`` afresh (the
@@ -152,6 +160,8 @@ class GuardStreams:
         self._generated[key] = []
         if not adapter.flagged:
             self._flags.pop(key, None)
+            self._flag_spans.pop(key, None)
+        self._last_start.pop(key, None)
         return self.push(key, text)
 
     def finish(self, key: StreamKey) -> list[JudgedPiece]:
@@ -183,11 +193,26 @@ class GuardStreams:
             return None
         return self._flags.get(key)
 
+    def flagged_text(self, key: StreamKey) -> str | None:
+        """The text of the guard tokens that flagged this stream (the token at
+        ``flagged_at`` and the one before it), for messages and logs; None if
+        it is not flagged."""
+        span = self._flag_spans.get(key) if self.flag(key) is not None else None
+        if span is None:
+            return None
+        prefix = self.response_prefix if key.tool_call is None else ""
+        return (prefix + self.text(key))[span[0] : span[1]]
+
     def _observe(self, key: StreamKey, tokens: list, verdicts: list) -> None:
         if key not in self._flags:
-            verdict = next((verdict for verdict in verdicts if verdict.flagged), None)
-            if verdict is not None:
-                self._flags[key] = verdict
+            for number, verdict in enumerate(verdicts):
+                if verdict.flagged:
+                    self._flags[key] = verdict
+                    start = tokens[number - 1].start if number else self._last_start.get(key, tokens[0].start)
+                    self._flag_spans[key] = (start, tokens[number].end)
+                    break
+        if tokens:
+            self._last_start[key] = tokens[-1].start
 
     # --- lifetime ---------------------------------------------------------
 

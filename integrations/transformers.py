@@ -1,26 +1,35 @@
 """transformers integration: a guarded streamer, a stopping criterion and CARE.
 
+One way in for all three: the generator's tokenizer and the guard.
+
+With a streamer (batch size 1), where ``TextIteratorStreamer`` was:
+
+    streamer = GuardedStreamer(tokenizer, guard, skip_prompt=True, skip_special_tokens=True)
+    streamer.moderate_prompt(messages)                  # the query verdict; judge the prompt first
+    Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer,
+           stopping_criteria=StoppingCriteriaList([GuardStoppingCriteria(streamer)]))).start()
+    for chunk in streamer:          # judged text only; chunk.verdict
+        print(chunk, end="")
+
 The stopping criterion alone (no streamer; batches too):
 
-    stop = GuardStoppingCriteria(guard, tokenizer, prompt=messages)   # or prompts=[...], one per batch row
+    stop = GuardStoppingCriteria(tokenizer, guard, prompt=messages)   # or prompts=[...], one per batch row
     output = model.generate(**inputs, stopping_criteria=StoppingCriteriaList([stop]))
     stop.finish()                    # judges the text still held back; stop.flagged: one bool per row
 
-With a streamer (batch size 1):
-
-    streamer = GuardedStreamer(GuardAdapter(guard.session(), tokenizer))
-    streamer.adapter.moderate_prompt(prompt)
-    Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer,
-           stopping_criteria=StoppingCriteriaList([GuardStoppingCriteria(streamer)]))).start()
-    for chunk in streamer:          # like TextIteratorStreamer, judged text only
-        print(chunk, chunk.verdict)
+CARE (detect, roll back, regenerate): ``guarded_generate(model, tokenizer, guard, messages)``.
 
 transformers calls stopping criteria after it appends a step's token and
 before it streams it, so the criterion judges each new token itself and
 generation stops right at the token that made the debounced policy flag.
+The streamer shows a piece only once the debounce has cleared it
+(``integrations.withhold``): a token that counts as unsafe waits for the
+next verdict, so the start of a flagged stretch is never shown.
 Fail closed: if the guard raises, generation stops and iterating the streamer
 (or, without one, the criterion itself) raises ``GuardFailure``; pass
-``fail_open=True`` to go on unjudged instead.
+``fail_open=True`` to go on unjudged instead. Any other error on the
+generation side (a wrong argument to ``generate``, a batch of two, an
+exception inside ``generate``) reaches the loop over the streamer too.
 
 Beam search is refused: transformers reorders and forks the rows between
 steps, and one guard stream per beam would need the guard's KV cache forked
@@ -31,15 +40,20 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from adapter import GuardAdapter, JudgedPiece, SourceDecoder
+from adapter import GuardAdapter, JudgedPiece, SourceDecoder, SourcePiece
+from integrations.withhold import Withholder
 
 __all__ = [
     "GuardFailure",
@@ -75,44 +89,220 @@ class GuardedText(str):
 _STOP = object()
 
 
+def _is_guard(value: Any) -> bool:
+    """A StreamGuard or a GuardEngine (anything that opens guard sessions)."""
+    return callable(getattr(value, "session", None))
+
+
+def _tokenizer_and_guard(first: Any, second: Any, usage: str) -> tuple[Any, Any]:
+    """(tokenizer, guard) from two arguments given in either order."""
+    if _is_guard(second) and not _is_guard(first):
+        return first, second
+    if _is_guard(first) and not _is_guard(second):
+        return second, first
+    raise TypeError(f"{usage} takes the generator's tokenizer and the guard (a StreamGuard)")
+
+
+# --- errors on the generation side reach the consumer -------------------------------------
+#
+# TextIteratorStreamer's consumer waits forever when generate() dies in its
+# thread before calling end(). A GuardedStreamer hears of it three ways: an
+# error inside put()/end() is recorded there; an exception that ends a
+# threading.Thread whose frames reference the streamer (generate's own
+# ``streamer`` argument, or a local of the thread's target) is passed on by a
+# chained threading.excepthook; and a producer thread that is gone without
+# ending the stream is noticed while waiting.
+
+_watched: weakref.WeakSet[GuardedStreamer] = weakref.WeakSet()
+_watch_lock = threading.Lock()
+
+
+def _pass_on_thread_errors(args: threading.ExceptHookArgs) -> None:
+    error, traceback = args.exc_value, args.exc_traceback
+    if error is None or traceback is None or isinstance(error, SystemExit):
+        return
+    streamers = {id(streamer): streamer for streamer in list(_watched)}
+    if not streamers:
+        return
+    found: dict[int, GuardedStreamer] = {}
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if id(value) in streamers:
+                found[id(value)] = streamers[id(value)]
+        traceback = traceback.tb_next
+    for streamer in found.values():
+        streamer._generation_failed(error)
+
+
+def _install_thread_hook() -> None:
+    with _watch_lock:
+        if getattr(threading.excepthook, "_crossguard", False):
+            return
+        previous = threading.excepthook
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            try:
+                _pass_on_thread_errors(args)
+            except Exception:  # pragma: no cover - never let the hook hide the original error
+                logger.exception("GuardedStreamer could not pass on an error of the generation thread")
+            previous(args)
+
+        hook._crossguard = True  # type: ignore[attr-defined]
+        threading.excepthook = hook
+
+
+_DECODE_KWARGS = ("skip_special_tokens", "clean_up_tokenization_spaces")
+_POLL_S = 0.2  # how often a waiting consumer checks that the generation thread is still there
+
+
 class GuardedStreamer(BaseStreamer):
-    """Replaces ``TextIteratorStreamer``: iterate to get ``GuardedText`` chunks,
-    each judged by the guard. Once the debounced policy flags the response,
-    later text is withheld and nothing more is judged (and a
-    ``GuardStoppingCriteria`` on this streamer stops generation).
-    ``withhold_flagged=False`` keeps judging and streams all the text, flagged
-    or not, and its criterion does not stop generation unless asked
-    (``stop_on_flag=True``). ``skip_prompt=False`` streams the prompt's text
-    first, unjudged (verdict None), as ``TextIteratorStreamer`` does."""
+    """A drop-in for ``TextIteratorStreamer`` that shows only judged text.
+
+        streamer = GuardedStreamer(tokenizer, guard, skip_prompt=True, timeout=None, **decode_kwargs)
+        streamer.moderate_prompt(messages)       # before generate: the guard judges the answer to this prompt
+        Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer)).start()
+        for chunk in streamer:                   # GuardedText: a str, with .verdict
+            ...
+
+    Pass ``GuardStoppingCriteria(streamer)`` to ``generate`` too, to stop
+    generation at the flag (without it, generation runs on and the rest is
+    withheld). ``GuardedStreamer(adapter)`` takes a ``GuardAdapter`` made
+    with the generator's tokenizer instead of the tokenizer and the guard.
+
+    What is shown: a piece of text once the debounced policy has cleared it
+    (a token that counts as unsafe waits for the next verdict; see
+    ``integrations.withhold``). Once the response is flagged, nothing more is
+    shown or judged. ``withhold_flagged=False`` shows everything, flagged or
+    not, each chunk with its verdict (and its criterion then does not stop
+    generation unless asked: ``stop_on_flag=True``).
+
+    ``TextIteratorStreamer``'s arguments:
+
+    * ``skip_prompt`` (default True, unlike ``TextIteratorStreamer``):
+      False streams the prompt's text first, unjudged (verdict None). The
+      prompt is never judged as response text: the guard judges the
+      response against what ``moderate_prompt`` was given.
+    * ``timeout``: ``next()`` raises ``queue.Empty`` after that many seconds
+      without text.
+    * ``skip_special_tokens`` (default True, unlike ``TextIteratorStreamer``):
+      False shows the special tokens' text too (``<|eot_id|>``). The guard
+      always judges the text without them: they are markup, not content.
+    * ``clean_up_tokenization_spaces``: only False (or None). Clean-up
+      rewrites text after it was judged (``"do n't ."`` becomes
+      ``"don't."``); the stream is the tokenizer's exact decode, which is
+      what the guard judged. Other decode arguments are refused.
+
+    ``fail_open``: if the guard raises, stream the rest unjudged (verdict
+    None) instead of stopping (default: iterating raises ``GuardFailure``).
+    ``policy``: the guard's policy (strict/loose, debounce), with a guard.
+
+    Errors on the generation side are raised by the loop over the streamer
+    (the exception ``generate`` raised, in the thread running it), never a
+    hang. A streamer serves one ``generate`` call: make a new one for the next.
+    """
 
     def __init__(
         self,
-        adapter: GuardAdapter,
+        tokenizer: Any,
+        guard: Any = None,
         *,
         skip_prompt: bool = True,
         timeout: float | None = None,
+        policy: Any = None,
         fail_open: bool = False,
         withhold_flagged: bool = True,
+        **decode_kwargs: Any,
     ) -> None:
-        if not isinstance(adapter, GuardAdapter) or adapter.source_tokenizer is None:
+        unknown = sorted(set(decode_kwargs) - set(_DECODE_KWARGS))
+        if unknown:
             raise TypeError(
-                "GuardedStreamer takes a GuardAdapter made with the generator's tokenizer: "
-                "GuardedStreamer(GuardAdapter(guard.session(), tokenizer))"
+                f"GuardedStreamer does not take {', '.join(unknown)}: of the decode arguments it takes "
+                f"{' and '.join(_DECODE_KWARGS)} (plus skip_prompt, timeout, policy, fail_open, withhold_flagged)"
             )
+        if decode_kwargs.get("clean_up_tokenization_spaces"):
+            raise ValueError(
+                "clean_up_tokenization_spaces=True is not supported: clean-up rewrites text after the guard judged "
+                "it ('do n't .' becomes \"don't.\"), and the stream is exactly the text that was judged: the "
+                "tokenizer's decode without clean-up. Leave it out (or pass False)"
+            )
+        skip_special_tokens = decode_kwargs.get("skip_special_tokens", True)
+        if not isinstance(skip_special_tokens, bool):
+            raise TypeError(f"skip_special_tokens must be True or False, got {skip_special_tokens!r}")
+        self._owns_session = False
+        if isinstance(tokenizer, GuardAdapter):
+            if guard is not None or policy is not None:
+                raise TypeError(
+                    "GuardedStreamer(adapter) takes the adapter's guard session and tokenizer as they are; "
+                    "pass either an adapter or GuardedStreamer(tokenizer, guard)"
+                )
+            adapter = tokenizer
+            if adapter.source_tokenizer is None:
+                raise TypeError(
+                    "the adapter needs the generator's tokenizer: GuardAdapter(guard.session(), tokenizer), or "
+                    "GuardedStreamer(tokenizer, guard)"
+                )
+        else:
+            if guard is None:
+                raise TypeError(
+                    "GuardedStreamer takes the generator's tokenizer and the guard: "
+                    "GuardedStreamer(tokenizer, guard, skip_prompt=True), then streamer.moderate_prompt(messages) "
+                    "before generate() (or GuardedStreamer(GuardAdapter(guard.session(), tokenizer)))"
+                )
+            tokenizer, guard = _tokenizer_and_guard(tokenizer, guard, "GuardedStreamer(tokenizer, guard)")
+            session = guard.session(policy)
+            try:
+                adapter = GuardAdapter(session, tokenizer)  # refuses a tokenizer it cannot decode
+            except BaseException:
+                session.close()
+                raise
+            self._owns_session = True
         self.adapter = adapter
         self.skip_prompt = skip_prompt
         self.timeout = timeout
         self.fail_open = fail_open
         self.withhold_flagged = withhold_flagged
+        self.skip_special_tokens = skip_special_tokens
         self.judged: list[JudgedPiece] = []
         self.generated: list[int] = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the guard's failure
+        self._withholder = Withholder()
+        # With skip_special_tokens=False the text shown comes from a decoder
+        # that keeps special tokens, released piece by piece as the judged
+        # text of the same generator token is.
+        self._display = (
+            None if skip_special_tokens else SourceDecoder(adapter.source_tokenizer, skip_special_tokens=False)
+        )
+        self._display_waiting: deque[SourcePiece] = deque()
+        self._released_pieces: dict[int, JudgedPiece] = {}
+        self._released_upto = 0  # generator tokens whose text may be shown: indices below this
+        self._shown = 0  # characters shown (of the text shown)
         self._queue: Queue = Queue()
         self._queue_chunks = True  # False for rows that nobody iterates
         self._prompt_length: int | None = None  # set by the prompt's put() (or by a criterion, without one)
         self._put_count = 0
         self._fallback: SourceDecoder | None = None
         self._ended = False
+        self._exhausted = False
+        self._producer: threading.Thread | None = None
+        self._generation_error: BaseException | None = None
+        self._usage_error: BaseException | None = None
+        _install_thread_hook()
+        _watched.add(self)
+
+    # --- the conversation ----------------------------------------------------
+
+    def moderate_prompt(self, prompt: Any) -> Any:
+        """Judge the prompt (a string or chat messages); returns the query
+        verdict. Call it before ``generate``."""
+        return self.adapter.moderate_prompt(prompt)
+
+    @property
+    def query_verdict(self) -> Any:
+        return self.adapter.session.query_verdict
+
+    @property
+    def flagged(self) -> bool:
+        return self.adapter.flagged
 
     @property
     def should_stop(self) -> bool:
@@ -124,18 +314,46 @@ class GuardedStreamer(BaseStreamer):
     def failed_closed(self) -> bool:
         return self.error is not None and not self.fail_open
 
+    @property
+    def withheld(self) -> list[JudgedPiece]:
+        """Judged pieces never shown: the flagged stretch and what followed."""
+        return list(self._withholder.withheld)
+
+    # --- transformers calls these ------------------------------------------------
+
     def put(self, value: Any) -> None:
+        if self._producer is None:
+            self._producer = threading.current_thread()
+        try:
+            self._put_ids(value)
+        except BaseException as error:
+            self._generation_failed(error)
+            raise
+
+    def _put_ids(self, value: Any) -> None:
+        if self._ended:
+            self._usage_error = RuntimeError(
+                "this GuardedStreamer has already streamed a generation (its stream ended); make a new "
+                "GuardedStreamer for each generate() call, as with TextIteratorStreamer"
+            )
+            raise self._usage_error
         ids = torch.as_tensor(value)
         if ids.dim() > 1 and ids.shape[0] > 1:
             raise ValueError(
-                "GuardedStreamer supports batch size 1 (one conversation per guard session); for a batch, use "
-                "GuardStoppingCriteria(guard, tokenizer, prompts=[...]) without a streamer"
+                f"GuardedStreamer supports batch size 1 (one conversation per guard session), got {ids.shape[0]} "
+                "rows; for a batch, use GuardStoppingCriteria(tokenizer, guard, prompts=[...]) without a streamer"
             )
         ids_list = ids.reshape(-1).tolist()
         if self._prompt_length is None:  # transformers puts the prompt first
+            if self.adapter.session.response_start is None:
+                raise RuntimeError(
+                    "call streamer.moderate_prompt(messages) before generate(): the guard judges the answer "
+                    "against its prompt"
+                )
             self._prompt_length = len(ids_list)
             if not self.skip_prompt:
-                text = "".join(piece.text for piece in SourceDecoder(self.adapter.source_tokenizer).push(ids_list))
+                decoder = SourceDecoder(self.adapter.source_tokenizer, skip_special_tokens=self.skip_special_tokens)
+                text = "".join(piece.text for piece in [*decoder.push(ids_list), *decoder.flush()])
                 self._put(GuardedText(text, None))
             return
         self._put_count += len(ids_list)
@@ -153,6 +371,8 @@ class GuardedStreamer(BaseStreamer):
             self._feed(generated)
 
     def _feed(self, ids: list[int]) -> None:
+        if self._ended:
+            raise RuntimeError("this GuardedStreamer's stream has ended; make a new one for a new generation")
         self.generated += ids
         if self.error is not None:
             self._stream_unjudged(ids)
@@ -161,6 +381,8 @@ class GuardedStreamer(BaseStreamer):
             return  # withheld: generation stops (or is let run unshown); nothing more is judged
         try:
             pieces = self.adapter.push_ids(ids)
+            if self._display is not None:
+                self._display_waiting.extend(self._display.push(ids))
         except Exception as error:
             self._fail(error)
             return
@@ -171,23 +393,48 @@ class GuardedStreamer(BaseStreamer):
         if self._ended:
             return
         self._ended = True
-        if self.error is None and not (self.withhold_flagged and self.adapter.flagged):
+        try:
+            self._finish()
+        finally:
+            if self._owns_session:
+                self.adapter.session.close()
+            self._put(_STOP)
+
+    def _finish(self) -> None:
+        judging = self.error is None and not (self.withhold_flagged and self.adapter.flagged)
+        if judging and self.adapter.session.response_start is not None:  # the prompt was judged
             try:
-                self._emit(self.adapter.finish())
+                pieces = self.adapter.finish()
+                if self._display is not None:
+                    self._display_waiting.extend(self._display.flush())
             except Exception as error:
                 self._fail(error)
+            else:
+                self._emit(pieces)
+        if self.error is None and self.withhold_flagged:
+            # The final state: finish() judges the end of the text (and the turn).
+            self._show(self._withholder.finish(self.adapter.flagged))
         if self._fallback is not None:
             text = "".join(piece.text for piece in self._fallback.flush())
-            if text:
-                self._put(GuardedText(text, None))
-        self._put(_STOP)
+            self._put_text(text, None)
+
+    # --- the consumer's side --------------------------------------------------------
 
     def __iter__(self) -> GuardedStreamer:
         return self
 
     def __next__(self) -> GuardedText:
-        value = self._queue.get(timeout=self.timeout)
+        if self._exhausted:
+            if self._usage_error is not None:
+                raise self._usage_error
+            raise StopIteration
+        value = self._get()
         if value is _STOP:
+            self._exhausted = True
+            if self._usage_error is not None:
+                raise self._usage_error
+            if self._generation_error is not None:
+                raise self._generation_error
             if self.failed_closed:
                 raise GuardFailure(f"the guard failed mid-stream and generation was stopped: {self.error}") from (
                     self.error
@@ -195,33 +442,80 @@ class GuardedStreamer(BaseStreamer):
             raise StopIteration
         return value
 
+    def _get(self) -> Any:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            try:
+                return self._queue.get(timeout=wait)
+            except Empty:
+                if self._producer_gone():
+                    try:
+                        return self._queue.get_nowait()
+                    except Empty:
+                        raise RuntimeError(
+                            "generate() stopped without ending the stream (it raised in its thread, or the "
+                            "streamer was driven by hand): no more text will come"
+                        ) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    def _producer_gone(self) -> bool:
+        producer = self._producer
+        return producer is not None and (producer is threading.current_thread() or not producer.is_alive())
+
+    def _generation_failed(self, error: BaseException) -> None:
+        """generate() raised (in put/end, or in its thread): end the stream
+        so that the consumer raises ``error`` instead of waiting."""
+        if self._ended or self._exhausted:
+            return
+        if self._generation_error is None and error is not self._usage_error:
+            self._generation_error = error
+        self._ended = True
+        if self._owns_session:
+            self.adapter.session.close()
+        self._put(_STOP)
+
+    # --- showing text --------------------------------------------------------------
+
     def _put(self, value: Any) -> None:
         if self._queue_chunks:
-            self._queue.put(value, timeout=self.timeout)
+            self._queue.put(value)
+
+    def _put_text(self, text: str, piece: JudgedPiece | None) -> None:
+        if text:
+            self._shown += len(text)
+            self._put(GuardedText(text, piece))
 
     def _emit(self, pieces: list[JudgedPiece]) -> None:
         self.judged += pieces
-        for piece in pieces:
-            if piece.text and not (self.withhold_flagged and piece.flagged):
-                self._put(GuardedText(piece.text, piece))
+        self._show(self._withholder.push(pieces) if self.withhold_flagged else pieces)
+
+    def _show(self, released: list[JudgedPiece]) -> None:
+        if self._display is None:
+            for piece in released:
+                self._put_text(piece.text, piece)
+            return
+        for piece in released:
+            self._released_pieces[piece.index] = piece
+            self._released_upto = max(self._released_upto, piece.index + 1)
+        while self._display_waiting and self._display_waiting[0].index < self._released_upto:
+            shown = self._display_waiting.popleft()
+            self._put_text(shown.text, self._released_pieces.pop(shown.index, None))
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
         if not self.fail_open:
             return
         logger.warning("guard failed, streaming unjudged text as fail_open asks: %s", error)
-        # Text not yet shown: decode everything generated and skip what was.
-        self._fallback = SourceDecoder(self.adapter.source_tokenizer)
-        shown = sum(len(piece.text) for piece in self.judged)
+        # Text not yet shown (held pieces too): decode everything generated and skip what was shown.
+        self._fallback = SourceDecoder(self.adapter.source_tokenizer, skip_special_tokens=self.skip_special_tokens)
         text = "".join(piece.text for piece in self._fallback.push(self.generated))  # includes the failed ids
-        if text[shown:]:
-            self._put(GuardedText(text[shown:], None))
+        self._put_text(text[self._shown :], None)
 
     def _stream_unjudged(self, ids: list[int]) -> None:
         if self._fallback is not None:
-            text = "".join(piece.text for piece in self._fallback.push(ids))
-            if text:
-                self._put(GuardedText(text, None))
+            self._put_text("".join(piece.text for piece in self._fallback.push(ids)), None)
 
 
 _BEAMS_REFUSED = (
@@ -252,10 +546,11 @@ class GuardStoppingCriteria(StoppingCriteria):
 
     Three ways in, one meaning:
 
-    * ``GuardStoppingCriteria(guard, tokenizer, prompt=messages)``: one guard
+    * ``GuardStoppingCriteria(tokenizer, guard, prompt=messages)``: one guard
       stream per row, all answering ``prompt``; ``prompts=[...]`` gives each
       batch row its own (with ``num_return_sequences=k`` each prompt's k rows).
-      This form owns its guard sessions: ``finish()`` closes them.
+      This form owns its guard sessions: ``finish()`` closes them. The
+      tokenizer and the guard may come in either order.
     * ``GuardStoppingCriteria(adapter)``: a GuardAdapter made with the
       generator's tokenizer (pass ``prompt=`` unless ``moderate_prompt`` was
       called), batch size 1.
@@ -298,8 +593,8 @@ class GuardStoppingCriteria(StoppingCriteria):
         if isinstance(source, GuardedStreamer):
             if tokenizer is not None or prompt is not None or prompts is not None or policy is not None:
                 raise TypeError(
-                    "GuardStoppingCriteria(streamer) takes the streamer's adapter as it is: give the tokenizer to "
-                    "its GuardAdapter and call streamer.adapter.moderate_prompt(prompt)"
+                    "GuardStoppingCriteria(streamer) uses the streamer's tokenizer, guard and policy as they are: "
+                    "call streamer.moderate_prompt(prompt) before generate()"
                 )
             self.stop_on_flag = source.withhold_flagged if stop_on_flag is None else stop_on_flag
             self.streamers = [source]
@@ -309,13 +604,16 @@ class GuardStoppingCriteria(StoppingCriteria):
             self.stop_on_flag = True if stop_on_flag is None else stop_on_flag
             self.streamers = [self._row(source, prompt)]
         else:
-            if not callable(getattr(source, "session", None)):
+            if tokenizer is None and _is_guard(source):
+                raise TypeError("pass the generator's tokenizer: GuardStoppingCriteria(tokenizer, guard, prompt=...)")
+            if not (_is_guard(source) or _is_guard(tokenizer)):
                 raise TypeError(
-                    "GuardStoppingCriteria takes a guard (StreamGuard) plus the generator's tokenizer and the prompt: "
-                    f"GuardStoppingCriteria(guard, tokenizer, prompt=messages); got {type(source).__name__}"
+                    "GuardStoppingCriteria takes the generator's tokenizer, the guard (StreamGuard) and the prompt: "
+                    f"GuardStoppingCriteria(tokenizer, guard, prompt=messages); got {type(source).__name__}"
+                    + ("" if tokenizer is None else f" and {type(tokenizer).__name__}")
+                    + " (or a GuardedStreamer, or a GuardAdapter)"
                 )
-            if tokenizer is None:
-                raise TypeError("pass the generator's tokenizer: GuardStoppingCriteria(guard, tokenizer, prompt=...)")
+            tokenizer, source = _tokenizer_and_guard(source, tokenizer, "GuardStoppingCriteria")
             if (prompt is None) == (prompts is None):
                 raise TypeError(
                     "pass prompt=... (the conversation every row answers) or prompts=[...] (one per batch row), "
@@ -350,7 +648,7 @@ class GuardStoppingCriteria(StoppingCriteria):
         elif adapter.session.response_start is None:
             raise TypeError("call adapter.moderate_prompt(prompt) first, or pass prompt=...")
         streamer = GuardedStreamer(adapter, fail_open=self.fail_open, withhold_flagged=self.stop_on_flag)
-        streamer._queue_chunks = False
+        streamer._queue_chunks = False  # nobody iterates it
         return streamer
 
     def _new_row(self, prompt: Any) -> GuardedStreamer:
@@ -537,6 +835,23 @@ def _first_unsafe_piece(pieces: list[JudgedPiece], adapter: Any = None, flagged_
     return pieces[-1].index if pieces else 0
 
 
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The generator's prompt: its chat template, rendered and tokenized
+    (transformers 5 returns a BatchEncoding from ``apply_chat_template``),
+    or the last message's text encoded as the tokenizer does."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = encoded["input_ids"]
+    else:
+        ids = tokenizer.encode(messages[-1]["content"])
+        ids = getattr(ids, "ids", ids)  # a tokenizers.Tokenizer gives an Encoding
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # a batch of one
+        (ids,) = ids
+    return [int(token_id) for token_id in ids]
+
+
 def guarded_generate(
     model: Any,
     tokenizer: Any,
@@ -555,14 +870,15 @@ def guarded_generate(
     can take another path; a greedy model repeats itself.
 
     ``input_ids`` are the generator's prompt ids; by default the tokenizer's
-    chat template renders ``prompt`` (or the bare prompt text is encoded).
+    chat template renders ``prompt`` with the generation prompt (or, for a
+    tokenizer without one, the last message's text is encoded).
     """
+    tokenizer, guard = _tokenizer_and_guard(tokenizer, guard, "guarded_generate(model, tokenizer, guard, prompt)")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if input_ids is None:
-        if getattr(tokenizer, "chat_template", None):
-            input_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        else:
-            input_ids = tokenizer.encode(messages[-1]["content"])
+        input_ids = _prompt_ids(tokenizer, messages)
+    else:
+        input_ids = [int(token_id) for token_id in input_ids]
     watch: dict[str, int | None] = {"flagged_at": None}
 
     def observe(tokens: list, verdicts: list) -> None:

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import re
+import runpy
+import shutil
+import struct
 import subprocess
 import sys
+import termios
+import threading
+import tty
+from pathlib import Path
 
-from integrations.cli import main
+import pytest
+
+from integrations import cli
+from integrations.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -47,9 +65,12 @@ def test_default_guard_offline_says_what_to_do(tmp_path):
         capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")},
     )  # fmt: skip
-    assert env_result.returncode != 0
+    assert env_result.returncode == 2
     assert "Qwen/Qwen3Guard-Stream-0.6B" in env_result.stderr
     assert "--tiny" in env_result.stderr and "pass the path" in env_result.stderr
+    # huggingface-cli is deprecated; its successor is `hf`.
+    assert "`hf download Qwen/Qwen3Guard-Stream-0.6B`" in env_result.stderr
+    assert "huggingface-cli" not in env_result.stderr and "Traceback" not in env_result.stderr
 
 
 def test_bridge_json():
@@ -105,3 +126,286 @@ def test_bridge_and_moderate_name_the_same_things_the_same(tmp_path, capsys):
     moderate_tokens = [{key: row[key] for key in SHARED_KEYS} for row in moderate if row["kind"] == "token"]
     assert bridge_tokens == moderate_tokens
     assert bridge[-1]["kind"] == "flush" and bridge[-1]["generator_token"] is None
+
+
+# --- bad lines, setup errors, pipes, terminals (issue 9) ------------------------
+
+
+@pytest.fixture(scope="module")
+def short_guard(tmp_path_factory):
+    """A tiny guard with a context of 64 positions: a few words of prompt and
+    response fit, a long one does not."""
+    from adapter.bundled_tokenizers import qwen3_tokenizer_path
+    from guard.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("short") / "guard", tokenizer_json=qwen3_tokenizer_path(), max_positions=64
+    )
+
+
+GOOD_LINES = {
+    1: {"prompt": "hi", "response": "Hello there! 👋"},
+    9: {"prompt": [{"role": "user", "content": "hi"}], "response_ids": [9906, 1070]},
+    14: {"prompt": "Stumps?", "response": "Use dynamite now."},
+}
+# line → (the line as written, what its error says)
+BAD_LINES = {
+    2: (b"42", "expected a JSON object"),
+    3: (b'{"prompt": "hi", "response": "unterminated', "not JSON"),
+    4: (json.dumps({"prompt": "hi", "response": 42}).encode(), "'response' must be text, got a number"),
+    5: (json.dumps({"prompt": 42, "response": "hello"}).encode(), "'prompt' must be text or a list of chat messages"),
+    6: (json.dumps({"prompt": [], "response": "hello"}).encode(), "'prompt' is an empty list"),
+    7: (json.dumps({"prompt": "hi", "response_ids": [9906, 10**9]}).encode(), "outside the generator's vocabulary"),
+    10: (json.dumps({"prompt": "hi", "response": "word " * 80}).encode(), "past the guard's context of 64"),
+    11: (json.dumps({"prompt": "word " * 80, "response": "hi"}).encode(), "prompt alone is longer than the guard's"),
+    12: (json.dumps({"prompt": "hi", "response_ids": [1917] * 80}).encode(), "past the guard's context of 64"),
+    13: (b'[{"prompt": "hi", "response": "x"}]', "got an array"),
+    15: (b'{"prompt": "hi"}', "no 'response' or 'response_ids'"),
+    16: (b'{"prompt": "hi", "response": "caf\xe9"}', "not UTF-8"),
+    17: (b'{"prompt": "hi", "response": "a\\ud800b"}', "unpaired UTF-16 surrogate escape (\\ud800)"),
+}
+
+
+def write_lines(path: Path, lines: dict[int, bytes]) -> Path:
+    """Lines at their numbers; the numbers in between stay blank (and blank lines are skipped)."""
+    path.write_bytes(b"\n".join(lines.get(number, b"") for number in range(1, max(lines) + 1)) + b"\n")
+    return path
+
+
+def test_bad_lines_get_error_rows_and_every_good_line_is_still_judged(tmp_path, capsys, short_guard):
+    good = {number: json.dumps(record, ensure_ascii=False).encode() for number, record in GOOD_LINES.items()}
+    mixed = write_lines(tmp_path / "mixed.jsonl", {**good, **{n: line for n, (line, _) in BAD_LINES.items()}})
+    argv = ["--guard", str(short_guard), "--generator", "llama3", "--json"]
+    assert main(["moderate", str(mixed), *argv]) == 1
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert "Traceback" not in captured.err
+
+    errors = [row for row in rows if row["kind"] == "error"]
+    assert [row["line"] for row in errors] == sorted(BAD_LINES)  # one each, in file order
+    for row in errors:
+        assert set(row) == {"line", "kind", "error"}
+        assert BAD_LINES[row["line"]][1] in row["error"], row
+    summary = captured.err.strip().splitlines()[-1]
+    assert "16 lines: 3 judged" in summary and "13 failed (lines 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, ...)" in summary
+
+    # Every good line comes out exactly as it does from a file of good lines alone.
+    alone = write_lines(tmp_path / "good.jsonl", good)
+    assert main(["moderate", str(alone), *argv]) == 0
+    good_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row for row in rows if row["kind"] != "error"] == good_rows
+    from adapter.bundled_tokenizers import decode_ids, encode_text, generator_tokenizer
+
+    llama3 = generator_tokenizer("llama3")
+    for number, record in GOOD_LINES.items():
+        line_rows = [row for row in good_rows if row["line"] == number]
+        assert line_rows[0]["kind"] == "query" and line_rows[0]["risk_level"] is not None
+        tokens = [row for row in line_rows[1:] if row["kind"] == "token"]
+        ids = record.get("response_ids") or encode_text(llama3, record["response"])
+        assert [row["generator_id"] for row in tokens] == ids
+        assert "".join(row["text"] for row in tokens) == record.get("response", decode_ids(llama3, ids))
+        assert all(row["risk_level"] in ("Safe", "Unsafe", "Controversial") for row in tokens)
+
+
+def test_fail_fast_stops_at_the_first_bad_line(tmp_path, capsys, short_guard):
+    records = write_lines(tmp_path / "chats.jsonl", {
+        1: json.dumps({"prompt": "hi", "response": "Hello"}).encode(), 2: b"42",
+        3: json.dumps({"prompt": "hi", "response": "Bye"}).encode(),
+    })  # fmt: skip
+    argv = ["moderate", str(records), "--guard", str(short_guard), "--color", "never"]
+    assert main([*argv, "--fail-fast"]) == 1
+    captured = capsys.readouterr()
+    assert "── line 1 ──" in captured.out and "response: Hello" in captured.out
+    assert "── line 2 ──\nerror:    expected a JSON object" in captured.out
+    assert "line 3" not in captured.out and "Bye" not in captured.out
+    assert "--fail-fast stopped at line 2" in captured.err
+    assert main(argv) == 1  # without it, line 3 is judged too
+    assert "response: Bye" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing file", "no input file"),
+        ("folder as input", "is a folder"),
+        ("cuda without cuda", "no CUDA device"),
+        ("unknown device", "is not a device torch knows"),
+        ("not a checkpoint", "has no config.json"),
+        ("unknown generator", "no generator tokenizer 'gpt-9'"),
+        ("bridge, unknown generator", "no generator tokenizer 'gpt-9'"),
+    ],
+)
+def test_setup_errors_are_one_sentence_and_status_2(case, expected, tmp_path, capsys):
+    import torch
+
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    records = tmp_path / "chats.jsonl"
+    records.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    argv = {
+        "missing file": ["moderate", str(tmp_path / "nope.jsonl"), "--tiny"],
+        "folder as input": ["moderate", str(tmp_path), "--tiny"],
+        "cuda without cuda": ["moderate", str(records), "--tiny", "--device", "cuda"],
+        "unknown device": ["moderate", str(records), "--tiny", "--device", "warp-drive"],
+        "not a checkpoint": ["moderate", str(records), "--guard", str(tmp_path / "empty")],
+        "unknown generator": ["moderate", str(records), "--tiny", "--generator", "gpt-9"],
+        "bridge, unknown generator": ["bridge", "hello", "--generator", "gpt-9"],
+    }[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert captured.err.startswith("crossguard: ") and expected in captured.err
+
+
+def test_console_script_piped_into_head_exits_quietly(tmp_path):
+    """`crossguard moderate ... | head -1`, with real processes and a real pipe."""
+    from benchmarks.corpus import mixed_text
+
+    script, head = Path(sys.executable).with_name("crossguard"), shutil.which("head")
+    if not script.exists() or head is None:
+        pytest.skip("needs the installed crossguard console script and head")
+    records = tmp_path / "long.jsonl"
+    # Two lines of ~450 generator tokens: ~130 KB of JSON each, more than a pipe holds (64 KB).
+    lines = [json.dumps({"prompt": "hi", "response": mixed_text(1000, seed=seed)}) for seed in (1, 2)]
+    records.write_text("\n".join(lines) + "\n")
+    producer = subprocess.Popen(
+        [str(script), "moderate", str(records), "--tiny", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader = subprocess.Popen([head, "-1"], stdin=producer.stdout, stdout=subprocess.PIPE)
+    producer.stdout.close()  # only head holds the read end now
+    first, _ = reader.communicate(timeout=300)
+    _, errors = producer.communicate(timeout=300)
+    assert json.loads(first)["kind"] == "query"
+    assert producer.returncode == 141  # as a process stopped by SIGPIPE
+    assert b"Traceback" not in errors and b"BrokenPipe" not in errors and b"Exception ignored" not in errors
+    assert b"\r" not in errors and b"moderating" not in errors  # no progress bar into a pipe
+
+
+@contextlib.contextmanager
+def terminal():
+    """A real pseudo-terminal: yields (a text stream on its terminal side, a
+    list that receives everything written to it once the block ends)."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no "\n" → "\r\n" translation
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
+    received: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal side was closed
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    stream = open(slave, "w", encoding="utf-8", buffering=1)
+    output: list[str] = []
+    try:
+        yield stream, output
+    finally:
+        stream.close()
+        reader.join(timeout=10)
+        os.close(master)
+        output.append(b"".join(received).decode("utf-8", "replace"))
+
+
+def test_progress_bar_on_a_terminal_has_a_total_and_an_eta(tmp_path, capsys, monkeypatch):
+    from adapter.bundled_tokenizers import encode_text, generator_tokenizer
+    from benchmarks.corpus import mixed_text
+
+    text = mixed_text(1500)
+    total = len(encode_text(generator_tokenizer("llama3"), text))
+    assert total >= 500  # long enough to get a bar
+    records = tmp_path / "long.jsonl"
+    records.write_text(json.dumps({"prompt": "hi", "response": text}) + "\n")
+    with terminal() as (stream, output):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert main(["moderate", str(records), "--tiny", "--json"]) == 0
+        monkeypatch.undo()
+    shown = output[0]
+    assert "moderating" in shown and "\r" in shown
+    assert f"/{total} [" in shown  # the total
+    assert re.search(r"\[\d\d:\d\d<(\d\d:\d\d|\?)", shown)  # elapsed<remaining: the ETA
+    assert capsys.readouterr().out.count("\n") > total // 2  # the rows went to standard output
+
+
+def test_no_color_and_the_colour_legend(tmp_path, monkeypatch, short_guard):
+    records = tmp_path / "one.jsonl"
+    records.write_text(json.dumps({"prompt": "hi", "response": "Hello there"}) + "\n")
+    argv = ["moderate", str(records), "--guard", str(short_guard)]
+    views, captured = {}, sys.stdout
+    for no_color in ("1", ""):  # any non-empty value disables colour; empty does not (no-color.org)
+        monkeypatch.setenv("NO_COLOR", no_color)
+        with terminal() as (stream, output):
+            monkeypatch.setattr(sys, "stdout", stream)
+            assert main(argv) == 0
+            monkeypatch.setattr(sys, "stdout", captured)
+        views[no_color] = output[0]
+    assert "\x1b[" not in views["1"] and "colours:" not in views["1"] and "response: Hello there" in views["1"]
+    legend, *rest = views[""].splitlines()
+    assert legend.startswith("colours: ") and "── line 1 ──" in rest[0]
+    for level, code in (("Safe", "32"), ("Controversial", "33"), ("Unsafe", "31")):
+        assert f"\x1b[{code}m{level}\x1b[0m" in legend
+    assert "\x1b[7m" in legend and "flagged" in legend
+    assert "\x1b[32m" in "\n".join(rest) or "\x1b[31m" in "\n".join(rest)  # the view itself is coloured
+    with terminal() as (stream, _):
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert cli.use_colour("always", stream) and not cli.use_colour("auto", stream)  # --color always wins
+        monkeypatch.setenv("NO_COLOR", "0")
+        assert not cli.use_colour("auto", stream)
+        monkeypatch.delenv("NO_COLOR")
+        assert cli.use_colour("auto", stream) and not cli.use_colour("never", stream)
+
+
+def test_every_option_has_help_text_and_shows_its_default(capsys):
+    from guard.stream_guard import DEFAULT_GUARD
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"crossguard {name} {action.option_strings or action.dest} has no help text"
+    defaults = {
+        "moderate": [DEFAULT_GUARD, "llama3", "strict", "official", "auto"],
+        "demo": ["mistral-v3", "strict", "official", "auto"],
+        "bridge": ["llama3"],
+    }
+    for name, shown in defaults.items():
+        with pytest.raises(SystemExit) as exit:
+            main([name, "--help"])
+        assert exit.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for default in shown:
+            assert f"(default: {default})" in text, (name, default)
+    assert cli.DEFAULT_GUARD == DEFAULT_GUARD  # spelled out in the CLI so that --help does not import torch
+
+
+def test_benchmark_prints_both_per_token_costs_and_their_ratio(capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["cli_moderate.py", "--chars", "300", "--repeat", "1"])
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / "cli_moderate.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    figures = re.findall(r"([\d.]+) µs per generator token", out)
+    assert len(figures) == 2 and all(float(figure) > 0 for figure in figures)
+    ratio = float(re.search(r"ratio\s+cli / library\s+([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(float(figures[1]) / float(figures[0]), rel=0.01)
+
+
+def test_context_limit_continue_judges_past_the_trained_length(tmp_path, capsys, short_guard):
+    records = write_lines(tmp_path / "long.jsonl", {1: BAD_LINES[10][0]})
+    argv = ["moderate", str(records), "--guard", str(short_guard), "--json", "--context-limit", "continue"]
+    assert main(argv) == 0
+    tokens = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert "".join(row["text"] for row in tokens) == "word " * 80
+    assert tokens[0]["past_trained_length"] is False and tokens[-1]["past_trained_length"] is True

