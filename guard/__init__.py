@@ -1,10 +1,14 @@
 """Qwen3Guard-Stream on transformers 5 with a KV-cached, rollback-capable session."""
 
 from guard.config import GuardLabels
+from guard.engine import EngineSession, GuardEngine
 from guard.errors import (
     CheckpointError,
     ContextLengthError,
     DtypeError,
+    EngineCapacityError,
+    EngineClosedError,
+    EngineStepError,
     GuardError,
     SessionClosedError,
     SessionStateError,
@@ -19,6 +23,11 @@ __all__ = [
     "CheckpointError",
     "ContextLengthError",
     "DtypeError",
+    "EngineCapacityError",
+    "EngineClosedError",
+    "EngineSession",
+    "EngineStepError",
+    "GuardEngine",
     "GuardError",
     "GuardLabels",
     "GuardSession",

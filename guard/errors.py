@@ -6,6 +6,9 @@ __all__ = [
     "CheckpointError",
     "ContextLengthError",
     "DtypeError",
+    "EngineCapacityError",
+    "EngineClosedError",
+    "EngineStepError",
     "GuardError",
     "SessionClosedError",
     "SessionStateError",
@@ -39,3 +42,20 @@ class SessionStateError(GuardError, RuntimeError):
 
 class SessionClosedError(SessionStateError):
     """The session was closed; start a new one with ``StreamGuard.session()``."""
+
+
+class EngineCapacityError(GuardError, RuntimeError):
+    """A ``GuardEngine`` is at its ``max_sessions`` or its KV-memory budget;
+    the message says which and what to do (close or roll back sessions, retry
+    later, or give the engine more)."""
+
+
+class EngineClosedError(GuardError, RuntimeError):
+    """The ``GuardEngine`` was closed; pending and later calls fail with this.
+    Start a new engine (and new sessions) to go on."""
+
+
+class EngineStepError(GuardError, RuntimeError):
+    """The batched forward that held this call's ids failed (the cause is
+    chained); the session is exactly as it was before the call: retry the
+    call or close the session."""

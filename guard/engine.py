@@ -1,0 +1,543 @@
+"""GuardEngine: many conversations, one guard, one batched forward per step.
+
+A plain ``GuardSession`` runs its own forward for every append, so the
+guard's weights are read once per token per conversation. The engine owns
+the model in one worker thread; sessions hand it their new ids and wait, and
+at every step the worker runs **one** forward over the new tokens of every
+waiting session, packed together:
+
+* the batch is a single packed row (batch 1, T tokens in all), not a padded
+  ``[sessions, longest, hidden]`` batch: sessions bring very different
+  numbers of tokens (one decode id beside a 256-token prompt chunk), and
+  padding would compute and mask the difference; the projections and the MLP
+  (where the weights are read) see one ``[1, T, hidden]`` matrix either way;
+* each token gets its own session's position (rotary), and attention runs
+  per session against that session's own ``GrowableCacheLayer`` (its cached
+  keys and values plus its new ones, causal within the new ones), with
+  transformers' own Qwen3 modules and weights for everything else;
+* a long prompt is cut into ``prefill_chunk`` tokens per step, so other
+  sessions' decode tokens go into the same steps instead of waiting behind it.
+
+``EngineSession`` is a ``GuardSession`` whose ``_forward`` goes through the
+engine, so the template, verdict arithmetic, debounce, rollback, end of turn,
+context-limit policy, atomic steps and per-session lock are GuardSession's
+own, and its verdicts equal a plain session's (tested).
+
+Reliability: a forward that raises fails the calls in that batch (each gets
+``EngineStepError`` with the cause, and its session stays as it was before the
+call) while the engine keeps serving; a session closed, or an ``*_async`` call
+cancelled, while queued is dropped without touching the others; sessions are
+bounded by ``max_sessions`` and their KV cache by ``kv_budget_bytes``, both
+refused at admission with ``EngineCapacityError``; every session has at most
+one call queued (its lock), so the queue is bounded by ``max_sessions``;
+``close()`` fails every pending call with ``EngineClosedError`` and stops the
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
+from guard.model import _attention_backends
+from guard.policy import Policy, Verdict
+from guard.session import GuardSession
+from guard.template import Prompt
+
+if TYPE_CHECKING:
+    from guard.stream_guard import StreamGuard
+
+__all__ = ["EngineSession", "GuardEngine"]
+
+# How often a waiting caller checks that the worker is still alive: a bug
+# that killed the worker must not leave callers waiting forever.
+_LIVENESS_POLL_S = 0.25
+
+
+class _CallCancelled(GuardError):
+    """An ``*_async`` call was cancelled; raised in its (abandoned) thread only."""
+
+
+class _CallToken:
+    """Identifies one ``*_async`` call, so that cancelling it cancels its own
+    request and not another thread's call on the same session."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
+_current_call = threading.local()
+
+
+def _run_with_token(token: _CallToken, method: Callable[..., Any], args: tuple) -> Any:
+    _current_call.token = token
+    try:
+        return method(*args)
+    finally:
+        _current_call.token = None
+
+
+class _Request:
+    """One session's ids waiting for (or inside) the batched forward."""
+
+    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "hidden", "ids", "in_flight", "session",
+                 "token")  # fmt: skip
+
+    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None) -> None:
+        self.session = session
+        self.ids = ids
+        self.token = token
+        self.consumed = 0  # ids already through the model (chunked prefill)
+        self.hidden: list[torch.Tensor] = []
+        self.in_flight = False  # inside the forward that runs now: its cache is being written
+        self.cancel_error: BaseException | None = None  # cancelled while in flight: fail it after the step
+        self.error: BaseException | None = None  # raised as it is (closed, cancelled)
+        self.failure: BaseException | None = None  # the forward raised: raised as EngineStepError from it
+        self.done = threading.Event()
+
+
+class EngineSession(GuardSession):
+    """A ``GuardSession`` served by a ``GuardEngine`` (made by ``engine.session()``).
+
+    Same methods and verdicts as ``GuardSession``; its forwards are batched
+    with the other sessions' by the engine's worker. The ``*_async`` methods
+    run the call on the engine's pool of call threads and await it, so they
+    never block the event loop; cancelling one drops its queued ids (or, if
+    they are inside the forward running now, undoes them once it ends): a
+    cancelled call never takes effect.
+    """
+
+    def __init__(self, engine: GuardEngine, policy: Policy | None = None) -> None:
+        super().__init__(engine.guard, policy)
+        self._engine = engine
+        self._closing = False
+
+    @property
+    def engine(self) -> GuardEngine:
+        return self._engine
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        # Atomic like GuardSession._forward: if the engine fails, closes or
+        # cancels the request, _step rewinds every cache layer (the worker may
+        # have written some chunks or some layers) and the position.
+        with self._step():
+            request = self._engine._submit(self, list(ids))
+            hidden = self._engine._wait(request)
+            self._position += len(ids)
+        return hidden
+
+    def close(self) -> None:
+        """Free the KV cache and the engine slot. A call of this session that
+        waits in the engine's queue fails with ``SessionClosedError`` (and is
+        undone); one inside the running forward is undone when it ends."""
+        self._closing = True
+        self._engine._cancel(
+            lambda request: request.session is self,
+            lambda: SessionClosedError(
+                "the session was closed while this call waited for the guard engine; nothing was appended. "
+                "Start a new session with engine.session()"
+            ),
+        )
+        super().close()  # takes the lock: waits for a call in flight to end
+        self._engine._release(self)
+
+    # --- asyncio ------------------------------------------------------------
+
+    async def append_async(self, ids: int | Iterable[int]) -> list[Verdict]:
+        """``append`` without blocking the event loop."""
+        return await self._engine._call_async(self.append, ids if isinstance(ids, int) else list(ids))
+
+    async def moderate_prompt_async(self, prompt: Prompt) -> Verdict:
+        """``moderate_prompt`` without blocking the event loop (a long prompt is
+        chunked across engine steps)."""
+        return await self._engine._call_async(self.moderate_prompt, prompt)
+
+    async def finish_async(self) -> list[Verdict]:
+        return await self._engine._call_async(self.finish)
+
+    async def end_reasoning_async(self) -> list[Verdict]:
+        return await self._engine._call_async(self.end_reasoning)
+
+    async def rollback_async(self, position: int) -> None:
+        """``rollback`` (itself cheap) without waiting on the event loop for a
+        call of this session that holds its lock."""
+        await self._engine._call_async(self.rollback, position)
+
+    async def close_async(self) -> None:
+        await self._engine._call_async(self.close)
+
+
+class GuardEngine:
+    """Serve many guard sessions with one batched forward per step.
+
+    ``max_batch_tokens``: tokens per forward, all sessions together.
+    ``prefill_chunk``: tokens one session contributes per step (a long prompt
+    or a big append is cut into chunks of this size, round robin with the
+    others). ``max_wait_ms``: after a step, how long the worker may wait for
+    the sessions it just served to come back with their next ids before it
+    runs a smaller batch (a lone stream never waits: it is the whole batch).
+    ``max_sessions``: open sessions at once. ``kv_budget_bytes``: the KV
+    cache of all sessions together, counted as positions held (and queued)
+    × ``guard.kv_bytes_per_token()``; ``None`` for no budget.
+    """
+
+    def __init__(
+        self,
+        guard: StreamGuard,
+        *,
+        max_batch_tokens: int = 1024,
+        max_wait_ms: float = 2.0,
+        max_sessions: int = 256,
+        kv_budget_bytes: int | None = None,
+        prefill_chunk: int = 256,
+    ) -> None:
+        for name, value in (
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_sessions", max_sessions),
+            ("prefill_chunk", prefill_chunk),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if prefill_chunk > max_batch_tokens:
+            raise ValueError(
+                f"prefill_chunk ({prefill_chunk}) must not exceed max_batch_tokens ({max_batch_tokens}): "
+                "a chunk must fit in one step"
+            )
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {max_wait_ms!r}")
+        if kv_budget_bytes is not None and kv_budget_bytes < 1:
+            raise ValueError(f"kv_budget_bytes must be positive (or None for no budget), got {kv_budget_bytes!r}")
+        layer_types = getattr(guard.config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(
+                "GuardEngine runs full-attention layers only and this checkpoint has sliding-window layers; "
+                "use plain sessions (guard.session()) for it"
+            )
+        self._guard = guard
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_sessions = max_sessions
+        self.kv_budget_bytes = kv_budget_bytes
+        self.prefill_chunk = prefill_chunk
+        self._kv_bytes_per_token = guard.kv_bytes_per_token()
+        self._condition = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._in_flight: list[_Request] = []
+        # Weak: a session dropped without close() gives its slot back when collected.
+        self._sessions: weakref.WeakSet[EngineSession] = weakref.WeakSet()
+        self._closed = False
+        self._last_batch = 0
+        #: Forwards run and tokens judged since the start (for monitoring and tests).
+        self.steps = 0
+        self.tokens = 0
+        # Threads for the *_async methods: a waiting call parks one; calls of
+        # one session serialize on its lock, so max_sessions threads suffice.
+        self._executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="guard-engine-call")
+        self._worker = threading.Thread(target=self._run, name="guard-engine", daemon=True)
+        self._worker.start()
+
+    # --- public -------------------------------------------------------------
+
+    @property
+    def guard(self) -> StreamGuard:
+        return self._guard
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a step (not counting those inside the running forward)."""
+        return len(self._queue)
+
+    def kv_bytes(self) -> int:
+        """KV bytes the engine counts against ``kv_budget_bytes``: positions
+        held and queued × bytes per token."""
+        with self._condition:
+            return self._kv_tokens() * self._kv_bytes_per_token
+
+    def session(self, policy: Policy | None = None) -> EngineSession:
+        """A new conversation served by this engine; refused with
+        ``EngineCapacityError`` at ``max_sessions`` or when the KV budget is spent."""
+        with self._condition:
+            self._check_open()
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineCapacityError(
+                    f"the guard engine already serves {len(self._sessions)} sessions (max_sessions="
+                    f"{self.max_sessions}); close finished sessions (session.close(), or `with engine.session() "
+                    "as session:`), retry later, or make the engine with a larger max_sessions"
+                )
+            budget = self.kv_budget_bytes
+            if budget is not None and self._kv_tokens() * self._kv_bytes_per_token >= budget:
+                raise EngineCapacityError(self._budget_message("a new session needs room"))
+            session = EngineSession(self, policy)
+            self._sessions.add(session)
+            return session
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Fail every pending call with ``EngineClosedError`` and stop the
+        worker (waiting up to ``timeout`` seconds for the forward running now)."""
+        with self._condition:
+            if self._closed:
+                return
+            self._closed = True
+            error = self._closed_error
+            while self._queue:
+                self._complete(self._queue.popleft(), error=error())
+            for request in self._in_flight:
+                request.cancel_error = error()
+            self._condition.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+        # Call threads end by themselves once their calls fail; do not wait here
+        # (close() may be called from one of them).
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> GuardEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- what sessions call -------------------------------------------------
+
+    @staticmethod
+    def _closed_error() -> EngineClosedError:
+        return EngineClosedError("the guard engine was closed; make a new GuardEngine (and new sessions) to go on")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _kv_tokens(self) -> int:
+        # Positions are read without the sessions' locks: an int read, and a
+        # budget check only needs to be conservative, not exact.
+        held = sum(session.position for session in self._sessions)
+        return held + sum(len(request.ids) for request in (*self._queue, *self._in_flight))
+
+    def _budget_message(self, what: str) -> str:
+        used = self._kv_tokens() * self._kv_bytes_per_token
+        return (
+            f"{what}, but the guard engine's KV cache holds {used} bytes of its kv_budget_bytes="
+            f"{self.kv_budget_bytes} ({self._kv_bytes_per_token} bytes per token); close finished sessions or roll "
+            "back long ones, retry when others have finished, or make the engine with a larger kv_budget_bytes"
+        )
+
+    def _submit(self, session: EngineSession, ids: list[int]) -> _Request:
+        token = getattr(_current_call, "token", None)
+        with self._condition:
+            self._check_open()
+            if token is not None and token.cancelled:
+                raise _CallCancelled("the call was cancelled before it reached the engine")
+            if session._closing:
+                raise SessionClosedError("this session is being closed; start a new one with engine.session()")
+            if self.kv_budget_bytes is not None:
+                needed = (self._kv_tokens() + len(ids)) * self._kv_bytes_per_token
+                if needed > self.kv_budget_bytes:
+                    raise EngineCapacityError(self._budget_message(f"judging {len(ids)} more tokens needs room"))
+            request = _Request(session, ids, token)
+            self._queue.append(request)
+            self._condition.notify_all()
+            return request
+
+    def _wait(self, request: _Request) -> torch.Tensor:
+        while not request.done.wait(_LIVENESS_POLL_S):
+            if not self._worker.is_alive():
+                with self._condition:
+                    if not request.done.is_set():
+                        self._complete(request, error=EngineClosedError(
+                            "the guard engine's worker stopped (see the log for why); make a new GuardEngine"
+                        ))  # fmt: skip
+        if request.error is not None:
+            raise request.error
+        if request.failure is not None:
+            raise EngineStepError(
+                f"the guard's batched forward failed ({type(request.failure).__name__}: {request.failure}); "
+                "nothing was appended to this session: retry the call, or close the session"
+            ) from request.failure
+        return request.hidden[0] if len(request.hidden) == 1 else torch.cat(request.hidden)
+
+    def _cancel(self, matches: Callable[[_Request], bool], error: Callable[[], BaseException]) -> None:
+        """Fail the matching requests: at once if queued; after the running
+        forward if inside it (its cache is being written)."""
+        with self._condition:
+            for request in [request for request in self._queue if matches(request)]:
+                self._queue.remove(request)
+                self._complete(request, error=error())
+            for request in self._in_flight:
+                if matches(request):
+                    request.cancel_error = error()
+
+    def _release(self, session: EngineSession) -> None:
+        with self._condition:
+            self._sessions.discard(session)
+
+    async def _call_async(self, method: Callable[..., Any], *args: Any) -> Any:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        token = _CallToken()
+        try:
+            future = loop.run_in_executor(self._executor, _run_with_token, token, method, args)
+        except RuntimeError as error:  # the executor shut down: the engine closed meanwhile
+            raise self._closed_error() from error
+        try:
+            return await future
+        except asyncio.CancelledError:
+            token.cancelled = True
+            self._cancel(
+                lambda request: request.token is token,
+                lambda: _CallCancelled("the call was cancelled while it waited for the guard engine"),
+            )
+            raise
+
+    # --- the worker -----------------------------------------------------------
+
+    @staticmethod
+    def _complete(request: _Request, *, error: BaseException | None = None) -> None:
+        request.error = error
+        request.in_flight = False
+        request.done.set()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run_step(batch)
+        except BaseException:  # a bug in the engine: fail everyone rather than leave them waiting
+            with self._condition:
+                self._closed = True
+                for request in (*self._queue, *self._in_flight):
+                    if not request.done.is_set():
+                        self._complete(request, error=EngineClosedError(
+                            "the guard engine's worker failed (see the chained exception in the log); "
+                            "make a new GuardEngine"
+                        ))  # fmt: skip
+                self._queue.clear()
+                self._in_flight = []
+            raise
+
+    def _next_batch(self) -> list[tuple[_Request, int]] | None:
+        """Wait for work; return (request, token count) pairs for one step."""
+        with self._condition:
+            deadline = None
+            while True:
+                if self._closed:
+                    return None
+                if self._queue:
+                    now = time.monotonic()
+                    deadline = deadline if deadline is not None else now + self.max_wait_s
+                    waiting = sum(min(len(r.ids) - r.consumed, self.prefill_chunk) for r in self._queue)
+                    # Continuous batching: the sessions just served usually come
+                    # straight back with their next token; waiting (briefly) for
+                    # them makes one full step instead of a full and a tiny one.
+                    if len(self._queue) >= self._last_batch or waiting >= self.max_batch_tokens or now >= deadline:
+                        break
+                    self._condition.wait(deadline - now)
+                else:
+                    deadline = None
+                    self._condition.wait()
+            batch, budget = [], self.max_batch_tokens
+            while self._queue and budget > 0:
+                request = self._queue.popleft()
+                count = min(len(request.ids) - request.consumed, self.prefill_chunk, budget)
+                request.in_flight = True
+                batch.append((request, count))
+                budget -= count
+            self._in_flight = [request for request, _ in batch]
+            self._last_batch = len(batch)
+            return batch
+
+    def _run_step(self, batch: list[tuple[_Request, int]]) -> None:
+        segments, ids = [], []
+        for request, count in batch:
+            start = request.session._cache.layers[0].get_seq_length()
+            segments.append((request, start, len(ids), count))
+            ids += request.ids[request.consumed : request.consumed + count]
+        try:
+            hidden = self._forward(segments, ids)
+            failure = None
+        except Exception as error:  # fail this batch's calls; their sessions undo the step themselves
+            hidden, failure = None, error
+        with self._condition:
+            self._in_flight = []
+            self.steps += 1
+            self.tokens += len(ids)
+            for request, _start, offset, count in segments:
+                if request.done.is_set():
+                    continue
+                if request.cancel_error is not None:
+                    self._complete(request, error=request.cancel_error)
+                elif failure is not None:
+                    request.failure = failure
+                    self._complete(request)
+                else:
+                    request.hidden.append(hidden[offset : offset + count])
+                    request.consumed += count
+                    if request.consumed == len(request.ids):
+                        self._complete(request)
+                    else:  # the rest of a long prompt: back of the queue, round robin
+                        request.in_flight = False
+                        self._queue.append(request)
+
+    @torch.inference_mode()
+    def _forward(self, segments: list[tuple[_Request, int, int, int]], ids: list[int]) -> torch.Tensor:
+        """Final normed hidden states ``[T, hidden]`` of the packed ``ids``;
+        appends each segment's keys and values to its session's cache."""
+        backbone = self._guard.model.model
+        device = self._guard.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        position_ids = torch.cat(
+            [torch.arange(start, start + count, device=device) for _request, start, _offset, count in segments]
+        ).unsqueeze(0)
+        total = len(ids)
+        masks = [
+            # The new tokens see the whole cache and, causally, each other.
+            None if count == 1 else torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
+            for _request, start, _offset, count in segments
+        ]
+        with _attention_backends(device):
+            hidden = backbone.embed_tokens(input_ids)
+            cos, sin = backbone.rotary_emb(hidden, position_ids)
+            for index, layer in enumerate(backbone.layers[: self._guard.config.num_hidden_layers]):
+                attention = layer.self_attn
+                head_dim = attention.head_dim
+                residual = hidden
+                normed = layer.input_layernorm(hidden)
+                shape = (1, total, -1, head_dim)
+                query = attention.q_norm(attention.q_proj(normed).view(shape)).transpose(1, 2)
+                key = attention.k_norm(attention.k_proj(normed).view(shape)).transpose(1, 2)
+                value = attention.v_proj(normed).view(shape).transpose(1, 2)
+                query, key = apply_rotary_pos_emb(query, key, cos, sin)
+                outputs = []
+                for (request, _start, offset, count), mask in zip(segments, masks, strict=True):
+                    rows = slice(offset, offset + count)
+                    keys, values = request.session._cache.layers[index].update(key[:, :, rows], value[:, :, rows])
+                    outputs.append(
+                        scaled_dot_product_attention(
+                            query[:, :, rows], keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
+                        )
+                    )
+                attended = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, total, -1)
+                hidden = residual + attention.o_proj(attended)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            return backbone.norm(hidden)[0]
