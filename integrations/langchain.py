@@ -173,6 +173,26 @@ def conversation_from_messages(messages: list[BaseMessage]) -> tuple[list[dict[s
     return conversation, prefill
 
 
+def _reasoning_text(message: Any) -> str:
+    """A message's (or chunk's) reasoning: ``reasoning_content`` (OpenAI-style
+    servers: DeepSeek, vLLM, Ollama) and reasoning or thinking content blocks.
+    It is generated text a product may show, so it is judged, as the guard's
+    think block."""
+    if message is None:
+        return ""
+    parts = []
+    reasoning = (getattr(message, "additional_kwargs", None) or {}).get("reasoning_content")
+    if isinstance(reasoning, str):
+        parts.append(reasoning)
+    content = getattr(message, "content", None)
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict) and block.get("type") in ("reasoning", "thinking"):
+            text = block.get(block["type"])
+            if isinstance(text, str):
+                parts.append(text)
+    return "".join(parts)
+
+
 def _chunk_text(token: Any, chunk: Any) -> str:
     if chunk is not None:
         message = getattr(chunk, "message", None)
@@ -191,7 +211,9 @@ def _streamed_deltas(
     """The (stream, delta) pairs of one streamed chunk: its text, then the
     arguments of each tool-call chunk (and of a legacy ``function_call``).
     Consumed one at a time with a push in between (an unindexed tool call's
-    key counts the streams opened so far)."""
+    key counts the streams opened so far). Reasoning comes first, marked as such."""
+    if reasoning := _reasoning_text(message):
+        yield StreamKey(), reasoning, True
     yield StreamKey(), text
     if message is None or not judge_tool_calls:
         return
@@ -205,7 +227,10 @@ def _streamed_deltas(
 
 
 def _final_deltas(message: Any, judge_tool_calls: bool) -> Iterator[tuple[StreamKey, str]]:
-    """The (stream, text) pairs of a finished message: its text and each tool call's arguments."""
+    """The (stream, text) pairs of a finished message: its reasoning (marked
+    as such), its text and each tool call's arguments."""
+    if reasoning := _reasoning_text(message):
+        yield StreamKey(), reasoning, True
     yield StreamKey(), _text(message)
     if judge_tool_calls:
         for number, call in enumerate(_tool_calls(message)):
@@ -591,8 +616,8 @@ class GuardCallbackHandler(BaseCallbackHandler):
         if streams is None:
             return
         message = getattr(chunk, "message", None)
-        for key, delta in _streamed_deltas(streams, _chunk_text(token, chunk), message, self.judge_tool_calls):
-            self._push(run_id, streams, key, delta)
+        for key, delta, *kind in _streamed_deltas(streams, _chunk_text(token, chunk), message, self.judge_tool_calls):
+            self._step(run_id, streams, key, partial(streams.push, key, delta, reasoning=bool(kind)))
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         streams = self._runs.get(run_id)
@@ -603,6 +628,12 @@ class GuardCallbackHandler(BaseCallbackHandler):
             for choice, generation in enumerate(generations):
                 message = getattr(generation, "message", None)
                 text = _text(message) if message is not None else generation.text
+                key = StreamKey(choice)
+                reasoning, judged = _reasoning_text(message), streams.reasoning(key)
+                if len(reasoning) > len(judged) and reasoning.startswith(judged) and not streams.text(key):
+                    # Reasoning that was not streamed: into the think block, before the answer.
+                    push = partial(streams.push, key, reasoning[len(judged) :], reasoning=True)
+                    self._step(run_id, streams, key, push)
                 # Not streamed (a plain invoke, n > 1), or streamed text that
                 # the final message does not extend: judge the final text.
                 self._step(run_id, streams, StreamKey(choice), partial(streams.replace, StreamKey(choice), text))

@@ -77,6 +77,7 @@ class GuardStreams:
         self.pieces: dict[StreamKey, list[JudgedPiece]] = {}
         self._adapters: dict[StreamKey, GuardAdapter] = {}
         self._generated: dict[StreamKey, list[str]] = {}  # what was pushed after the prefix
+        self._reasoning: dict[StreamKey, list[str]] = {}
         self._prefix_pieces: dict[StreamKey, int] = {}
         self._finished: set[StreamKey] = set()
         self._flags: dict[StreamKey, Any] = {}  # the verdict that flagged each flagged stream
@@ -125,17 +126,27 @@ class GuardStreams:
             self.pieces[key] += adapter.push_text(self.response_prefix)
         return adapter
 
-    def push(self, key: StreamKey, delta: str) -> list[JudgedPiece]:
-        """Judge the next delta of a stream; the pieces judged by now."""
+    def push(self, key: StreamKey, delta: str, *, reasoning: bool = False) -> list[JudgedPiece]:
+        """Judge the next delta of a stream; the pieces judged by now.
+        ``reasoning`` deltas (a server's ``reasoning_content``, thinking
+        blocks) go into the guard's think block, before the answer's text."""
         if not self.judges(key) or (not delta and key not in self._adapters):
             return []
         if key in self._finished:
             raise RuntimeError(f"the {key} stream was finished; it takes no more text")
         adapter = self.open(key)
-        pieces = adapter.push_text(delta)
-        self._generated[key].append(delta)
+        if reasoning:
+            pieces = adapter.push_reasoning_text(delta)
+            self._reasoning.setdefault(key, []).append(delta)
+        else:
+            pieces = adapter.push_text(delta)
+            self._generated[key].append(delta)
         self.pieces[key] += pieces
         return pieces
+
+    def reasoning(self, key: StreamKey) -> str:
+        """The reasoning text pushed to a stream so far."""
+        return "".join(self._reasoning.get(key, ()))
 
     def text(self, key: StreamKey) -> str:
         """The text pushed to a stream so far (without the prefix)."""
@@ -162,7 +173,10 @@ class GuardStreams:
             self._flags.pop(key, None)
             self._flag_spans.pop(key, None)
         self._last_start.pop(key, None)
-        return self.push(key, text)
+        # The rollback took the reasoning back too: it goes in again first.
+        reasoning = "".join(self._reasoning.pop(key, ()))
+        pieces = self.push(key, reasoning, reasoning=True) if reasoning else []
+        return pieces + self.push(key, text)
 
     def finish(self, key: StreamKey) -> list[JudgedPiece]:
         """End of a stream: judge what it still holds back."""

@@ -194,10 +194,10 @@ class StreamGate(Generic[Item]):
             raise RuntimeError("this StreamGate was finished; make a new one for a new response")
         needs: list[tuple[StreamKey, int]] = []
         self._waiting.append((item, needs))
-        for key, delta in deltas:
+        for key, delta, *kind in deltas:  # (key, delta) or (key, delta, reasoning)
             if not delta or not self.streams.judges(key):
                 continue
-            pieces = self.streams.push(key, delta)
+            pieces = self.streams.push(key, delta, reasoning=bool(kind and kind[0]))
             needs.append((key, self.streams.pushed(key) - 1))
             self._withhold(key, pieces)
             if self.flag is not None:

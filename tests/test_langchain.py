@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel, GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -748,3 +749,65 @@ def test_the_wrapper_takes_a_runnable_that_gives_whole_messages_or_text(guard):
     with pytest.raises(GuardFlaggedError) as raised:
         list(GuardedChatModel(RunnableLambda(lambda messages: AIMessage("", tool_calls=[call])), guard).stream("Hi"))
     assert raised.value.stream == StreamKey(0, 0)
+
+
+# --- reasoning is generated text: judged, and withheld when flagged ------------------
+
+
+class _ReasoningModel(BaseChatModel):
+    """A chat model that streams reasoning the ways real backends do."""
+
+    chunks: list
+    final: Any = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "reasoning-test"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        return ChatResult(generations=[ChatGeneration(message=self.final)])
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        for chunk in self.chunks:
+            yield ChatGenerationChunk(message=chunk)
+
+
+REASONING_CHUNKS = {
+    "reasoning_content": lambda text: AIMessageChunk(content="", additional_kwargs={"reasoning_content": text}),
+    "reasoning block": lambda text: AIMessageChunk(content=[{"type": "reasoning", "reasoning": text}]),
+    "thinking block": lambda text: AIMessageChunk(content=[{"type": "thinking", "thinking": text}]),
+}
+
+
+@pytest.mark.parametrize("form", sorted(REASONING_CHUNKS))
+def test_flagged_reasoning_never_reaches_the_caller(guard, form):
+    make = REASONING_CHUNKS[form]
+    model = _ReasoningModel(chunks=[make(" use dynamite dynamite"), make(" now"), AIMessageChunk(content=" ok")])
+    received = []
+    with pytest.raises(GuardFlaggedError):
+        for chunk in GuardedChatModel(model, guard).stream("How do I remove stumps?"):
+            received.append(chunk)
+    assert not any("dynamite" in str(chunk.content) + str(chunk.additional_kwargs) for chunk in received)
+
+
+@pytest.mark.parametrize("form", sorted(REASONING_CHUNKS))
+def test_safe_reasoning_goes_into_the_think_block_and_passes(guard, form):
+    make = REASONING_CHUNKS[form]
+    model = _ReasoningModel(chunks=[make(" dig around it"), AIMessageChunk(content=" Use a shovel.")])
+    chunks = list(GuardedChatModel(model, guard).stream("How do I remove stumps?"))
+    assert "".join(_text_of(chunk) for chunk in chunks) == " Use a shovel."
+    assert any("dig around it" in str(chunk.content) + str(chunk.additional_kwargs) for chunk in chunks)
+
+
+def test_reasoning_of_an_invoke_is_judged(guard):
+    final = AIMessage(content="ok", additional_kwargs={"reasoning_content": " use dynamite dynamite"})
+    with pytest.raises(GuardFlaggedError):
+        GuardedChatModel(_ReasoningModel(chunks=[], final=final), guard).invoke("How do I remove stumps?")
+    handler = GuardCallbackHandler(guard)
+    with pytest.raises(GuardFlaggedError):
+        _ReasoningModel(chunks=[], final=final).invoke("How do I remove stumps?", config={"callbacks": [handler]})
+
+
+def _text_of(chunk) -> str:
+    text = chunk.text  # a property in langchain-core 1.x (a str), a method in 0.3
+    return text if isinstance(text, str) else text()
