@@ -231,7 +231,7 @@ def read_jobs(lines: Iterable[bytes | str], generator: Any) -> list[Job]:
 
 
 def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progress: Any = None,
-                    ids: list[int] | None = None):  # fmt: skip
+                    ids: list[int] | None = None, engine: Any = None):  # fmt: skip
     """(query verdict, judged pieces, generator ids) for one recorded
     conversation, streamed one generator token at a time as a live model
     would produce it. Raises LineError (or the library's error) when the
@@ -246,7 +246,8 @@ def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progr
         ids = record.get("response_ids")
         ids = list(ids) if ids is not None else encode_text(generator, record["response"])
     limit = guard.config.max_position_embeddings
-    with guard.session(policy) as session:
+    # With an engine, this conversation's forwards are batched with the others'.
+    with (engine or guard).session(policy) as session:
         adapter = GuardAdapter(session, generator)
         try:
             query = adapter.moderate_prompt(record["prompt"])
@@ -409,6 +410,47 @@ def progress_bar(total: int, enabled: bool) -> Any:
                 dynamic_ncols=True)  # fmt: skip
 
 
+def _judge_job(guard: Any, generator: Any, job: Job, policy: Any, progress: Any, engine: Any = None):
+    """(result, error) of one line; the library's errors become an error row."""
+    if job.error is not None:
+        return None, job.error
+    done = progress.n if progress is not None else 0
+    try:
+        return moderate_record(guard, generator, job.record, policy, progress, job.ids, engine), None
+    except BrokenPipeError:
+        raise
+    except Exception as problem:
+        if progress is not None:  # count the tokens of the failed line as done
+            progress.update(done + len(job.ids or ()) - progress.n)
+        return None, str(problem) if isinstance(problem, LineError) else _library_error(problem)
+
+
+def _judged_jobs(guard: Any, generator: Any, jobs: list[Job], policy: Any, progress: Any, concurrency: int):
+    """(job, result, error) in input order. With ``concurrency`` > 1 the
+    lines are judged side by side on one GuardEngine (one batched forward per
+    step over every conversation waiting), and printed in order as they finish."""
+    if concurrency <= 1:
+        for job in jobs:
+            yield (job, *_judge_job(guard, generator, job, policy, progress))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guard import GuardEngine
+
+    with GuardEngine(guard, max_sessions=concurrency) as engine, ThreadPoolExecutor(concurrency) as pool:
+        # Progress is counted per finished line here: workers share no bar.
+        futures = [pool.submit(_judge_job, guard, generator, job, policy, None, engine) for job in jobs]
+        try:
+            for job, future in zip(jobs, futures, strict=True):
+                result, error = future.result()
+                if progress is not None:
+                    progress.update(len(job.ids or ()))
+                yield job, result, error
+        finally:  # --fail-fast, a closed pipe: judge no more lines
+            for future in futures:
+                future.cancel()
+
+
 def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.Namespace) -> int:
     from guard import Policy
 
@@ -420,20 +462,7 @@ def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.N
     if colour:
         out.write(colour_legend() + "\n")
     try:
-        for job in jobs:
-            result = error = None
-            if job.error is not None:
-                error = job.error
-            else:
-                done = progress.n if progress is not None else 0
-                try:
-                    result = moderate_record(guard, generator, job.record, policy, progress, job.ids)
-                except BrokenPipeError:
-                    raise
-                except Exception as problem:
-                    error = str(problem) if isinstance(problem, LineError) else _library_error(problem)
-                    if progress is not None:  # count the tokens of the failed line as done
-                        progress.update(done + len(job.ids) - progress.n)
+        for job, result, error in _judged_jobs(guard, generator, jobs, policy, progress, args.concurrency):
             if progress is not None:
                 progress.clear()
             if error is not None:
@@ -664,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     moderate.add_argument("--device", default=None,
                           help="torch device for the guard, e.g. cpu, cuda, cuda:1 (default: CUDA when available, "
                           "else the CPU; the CPU with --tiny)")  # fmt: skip
+    moderate.add_argument(
+        "--concurrency", type=_positive_int, default=1, metavar="N",
+        help="judge N lines side by side on one GuardEngine (batched forwards); output keeps the input order",
+    )  # fmt: skip
     moderate.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                           help="CPU threads for the guard (default: 1 with --tiny, whose matrices are too small "
                           "to share out; else torch's default)")  # fmt: skip
