@@ -35,7 +35,9 @@ source pieces were pushed after it before its verdict came.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -139,6 +141,17 @@ def _hidden_marker_ids(tokenizer: Any, markers: ThinkMarkers) -> dict[int, Liter
     return hidden
 
 
+class _AsyncCall:
+    """Hand-over between an async call and its worker thread."""
+
+    __slots__ = ("cancelled", "done", "lock", "result")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = self.done = False
+        self.result: Any = None
+
+
 class GuardAdapter:
     """Ties a GuardSession to a generator's stream.
 
@@ -202,6 +215,7 @@ class GuardAdapter:
         self._deferred: tuple[list[SourcePiece], Stream] | None = None
         self._pending: deque[SourcePiece] = deque()  # waiting for a verdict
         self._ready: list[JudgedPiece] = []  # judged, not yet returned to the caller
+        self._call_lock = threading.Lock()  # async calls run in worker threads
         # Per judged piece: the guard token (ordinal in the response) that
         # judged it, -1 for none. Rollback re-opens pieces whose judge it drops.
         self._judges = array("q")
@@ -286,6 +300,62 @@ class GuardAdapter:
         else:
             pieces = []
         return self._finish_with([(piece, self._last_stream) for piece in pieces])
+
+    # --- asyncio: the same calls, off the event loop ----------------------------
+
+    async def moderate_prompt_async(self, prompt: Any) -> Verdict:
+        return await self._call_async(self.moderate_prompt, prompt)
+
+    async def push_ids_async(self, ids: Any) -> list[JudgedPiece]:
+        return await self._call_async(self.push_ids, token_id_list(ids))
+
+    async def push_reasoning_ids_async(self, ids: Any) -> list[JudgedPiece]:
+        return await self._call_async(self.push_reasoning_ids, token_id_list(ids))
+
+    async def push_text_async(self, delta: str) -> list[JudgedPiece]:
+        return await self._call_async(self.push_text, delta)
+
+    async def push_reasoning_text_async(self, delta: str) -> list[JudgedPiece]:
+        return await self._call_async(self.push_reasoning_text, delta)
+
+    async def finish_async(self) -> list[JudgedPiece]:
+        return await self._call_async(self.finish)
+
+    async def rollback_async(self, index: int) -> int:
+        return await self._call_async(self.rollback, index)
+
+    async def _call_async(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run a call in a worker thread (the engine's pool for an engine
+        session, so that waiting streams share its batched forwards; else the
+        loop's default executor). A forward cannot be interrupted, so a call
+        whose caller is cancelled still completes: its judged pieces are kept
+        and come out first from the next call, so no verdict is lost and
+        nothing is judged twice."""
+        call = _AsyncCall()
+        executor = getattr(getattr(self.session, "engine", None), "executor", None)
+        future = asyncio.get_running_loop().run_in_executor(executor, self._run_call, call, method, args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with call.lock:  # held only around the hand-over, never during a forward
+                call.cancelled = True
+                if call.done:
+                    self._keep(call.result)
+            raise
+
+    def _run_call(self, call: _AsyncCall, method: Callable[..., Any], args: tuple) -> Any:
+        with self._call_lock:  # one call at a time, in the order the threads get here
+            result = method(*args)
+            with call.lock:
+                if call.cancelled:
+                    self._keep(result)
+                else:
+                    call.result, call.done = result, True
+            return result
+
+    def _keep(self, result: Any) -> None:
+        if isinstance(result, list):
+            self._ready[:0] = result
 
     def rollback(self, index: int) -> int:
         """Return to the state after source piece ``index - 1`` (the CARE

@@ -268,6 +268,13 @@ class GuardEngine:
         """Calls waiting for a step (not counting those inside the running forward)."""
         return len(self._queue)
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The thread pool the async methods run their calls on (at most one
+        thread per session), for callers that wrap engine sessions in their own
+        async methods (``GuardAdapter``'s)."""
+        return self._executor
+
     def kv_bytes(self) -> int:
         """KV bytes the engine counts against ``kv_budget_bytes``: positions
         held and queued × bytes per token."""

@@ -415,3 +415,72 @@ def test_kv_budget_is_refused_before_anything_changes(tiny_guard):
             engine.session()
         session.rollback(session.response_start)
         engine.session().moderate_prompt("hi")
+
+
+def test_guard_adapter_async_push_on_engine_sessions_matches_the_sync_adapter(tiny_guard):
+    """GuardAdapter's async methods: many streams on one event loop share the
+    engine's batched forwards and give the pieces a sync adapter gives."""
+    import asyncio
+
+    from adapter import GuardAdapter
+    from adapter.bundled_tokenizers import generator_tokenizer
+    from tests.test_source import encode
+
+    llama3 = generator_tokenizer("llama3")
+    answers = [f"Answer {n}: dig around the roots, then lift the stump out." for n in range(6)]
+
+    def strip(pieces):
+        return [(p.index, p.text, p.verdict.risk_level if p.verdict else None, p.flagged) for p in pieces]
+
+    expected = []
+    for answer in answers:
+        adapter = GuardAdapter(tiny_guard.session(), llama3)
+        adapter.moderate_prompt("How do I remove a stump?")
+        pieces = [piece for token_id in encode(llama3, answer) for piece in adapter.push_ids(token_id)]
+        expected.append(strip(pieces + adapter.finish()))
+
+    async def stream(engine, answer):
+        adapter = GuardAdapter(engine.session(), llama3)
+        await adapter.moderate_prompt_async("How do I remove a stump?")
+        pieces = []
+        for token_id in encode(llama3, answer):
+            pieces += await adapter.push_ids_async(token_id)
+        return strip(pieces + await adapter.finish_async())
+
+    async def main():
+        with GuardEngine(tiny_guard, max_sessions=8) as engine:
+            results = await asyncio.wait_for(asyncio.gather(*(stream(engine, a) for a in answers)), timeout=60)
+            return results, engine.steps
+
+    results, steps = asyncio.run(main())
+    assert results == expected
+    tokens = sum(len(encode(llama3, answer)) for answer in answers)
+    assert steps < tokens  # forwards were shared between streams
+
+
+def test_a_cancelled_async_push_loses_no_verdict(tiny_guard):
+    """A forward cannot be interrupted: the cancelled call completes and its
+    pieces come out first from the next call."""
+    import asyncio
+
+    from adapter import GuardAdapter
+    from adapter.bundled_tokenizers import generator_tokenizer
+    from tests.test_source import encode
+
+    llama3 = generator_tokenizer("llama3")
+    ids = encode(llama3, "Dig around the roots, cut them, and lift the stump out of the ground. " * 8)
+    reference = GuardAdapter(tiny_guard.session(), llama3)
+    reference.moderate_prompt("Hi")
+    expected = [(p.index, p.text) for p in reference.push_ids(ids) + reference.finish()]
+
+    async def main():
+        adapter = GuardAdapter(tiny_guard.session(), llama3)
+        await adapter.moderate_prompt_async("Hi")
+        task = asyncio.create_task(adapter.push_ids_async(ids))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [(p.index, p.text) for p in await asyncio.wait_for(adapter.finish_async(), timeout=60)]
+
+    assert asyncio.run(main()) == expected
