@@ -461,8 +461,9 @@ def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.N
     judged, flagged, failed = 0, 0, []
     if colour:
         out.write(colour_legend() + "\n")
+    concurrency = getattr(args, "concurrency", 1)  # `demo` has no --concurrency
     try:
-        for job, result, error in _judged_jobs(guard, generator, jobs, policy, progress, args.concurrency):
+        for job, result, error in _judged_jobs(guard, generator, jobs, policy, progress, concurrency):
             if progress is not None:
                 progress.clear()
             if error is not None:
