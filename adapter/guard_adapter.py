@@ -36,7 +36,6 @@ source pieces were pushed after it before its verdict came.
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 from array import array
 from collections import deque
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from adapter.errors import AdapterError, RollbackError, StreamFinishedError
 from adapter.reasoning import Close, Op, Open, ResponseSplitter, Text, ThinkMarkers
 from adapter.retokenize import StableRetokenizer, StableToken
-from adapter.retokenize.stable import DEFAULT_MAX_HELD
+from adapter.retokenize.stable import DEFAULT_MAX_HELD, TextLog
 from adapter.source import SourceDecoder, SourcePiece, token_id_list
 
 if TYPE_CHECKING:  # types only: adapter does not need torch to import
@@ -87,34 +86,6 @@ class JudgedPiece:
     @property
     def flagged(self) -> bool:
         return (self.verdict is not None and self.verdict.flagged) or self.flagged_at_finish
-
-
-class _TextLog:
-    """The response text, kept once for rollback (replay and reopened pieces)."""
-
-    __slots__ = ("_buffer", "_length")
-
-    def __init__(self) -> None:
-        self._buffer = io.StringIO()
-        self._length = 0
-
-    def __len__(self) -> int:
-        return self._length
-
-    def append(self, text: str) -> None:
-        self._buffer.write(text)
-        self._length += len(text)
-
-    def slice(self, start: int, end: int) -> str:
-        self._buffer.seek(start)
-        text = self._buffer.read(end - start)
-        self._buffer.seek(self._length)
-        return text
-
-    def truncate(self, end: int) -> None:
-        self._buffer.truncate(end)
-        self._buffer.seek(end)
-        self._length = end
 
 
 def _single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -199,7 +170,7 @@ class GuardAdapter:
         self._retokenizer = StableRetokenizer(session.guard.tokenizer, max_held=max_held)  # the answer
         self._reasoning: StableRetokenizer | None = None  # the think block's text
         self._splitter = ResponseSplitter(think_markers)
-        self._log = _TextLog()
+        self._log = TextLog()
         self._observer = on_guard_tokens
         self._observed: list[tuple[list[StableToken], list[Verdict]]] = []
         self._pushed = 0  # source pieces pushed (ids, or deltas)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,9 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapter.bundled_tokenizers import qwen3_tokenizer_path
+from benchmarks.guard_session import realistic_width_guard
 from guard import GuardEngine, StreamGuard
-from guard.testing import write_tiny_checkpoint
 
 
 def serial(guard: StreamGuard, prompt: str, streams: list[list[int]], sync) -> float:
@@ -105,12 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(count) for count in args.streams.split(",")]
 
-    with tempfile.TemporaryDirectory() as folder:
-        write_tiny_checkpoint(
-            folder, tokenizer_json=qwen3_tokenizer_path(), hidden_size=1024, layers=args.layers, heads=16,
-            kv_heads=8, head_dim=128, intermediate=3072, inner=512,
-        )  # fmt: skip
-        guard = StreamGuard.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    guard = realistic_width_guard(args.layers, args.device, args.dtype)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "

@@ -32,6 +32,18 @@ from guard import StreamGuard
 from guard.testing import write_tiny_checkpoint
 
 
+def realistic_width_guard(layers: int, device: str, dtype: str) -> StreamGuard:
+    """Qwen3Guard-Stream-0.6B's width (hidden 1024, 16 query and 8 key/value
+    heads of 128, the real vocabulary) with ``layers`` layers, random weights,
+    written in the real layout and loaded through ``from_pretrained``."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_tiny_checkpoint(
+            folder, tokenizer_json=qwen3_tokenizer_path(), hidden_size=1024, layers=layers, heads=16,
+            kv_heads=8, head_dim=128, intermediate=3072, inner=512,
+        )  # fmt: skip
+        return StreamGuard.from_pretrained(folder, device=device, dtype=dtype)
+
+
 def timed(function) -> float:
     started = time.perf_counter()
     function()
@@ -46,12 +58,7 @@ def main() -> None:
     parser.add_argument("--far", type=int, default=4000, help="the far position")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as folder:
-        write_tiny_checkpoint(
-            folder, tokenizer_json=qwen3_tokenizer_path(), hidden_size=1024, layers=args.layers, heads=16,
-            kv_heads=8, head_dim=128, intermediate=3072, inner=512,
-        )  # fmt: skip
-        guard = StreamGuard.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    guard = realistic_width_guard(args.layers, args.device, args.dtype)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "

@@ -461,9 +461,8 @@ def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.N
     judged, flagged, failed = 0, 0, []
     if colour:
         out.write(colour_legend() + "\n")
-    concurrency = getattr(args, "concurrency", 1)  # `demo` has no --concurrency
     try:
-        for job, result, error in _judged_jobs(guard, generator, jobs, policy, progress, concurrency):
+        for job, result, error in _judged_jobs(guard, generator, jobs, policy, progress, args.concurrency):
             if progress is not None:
                 progress.clear()
             if error is not None:
@@ -559,7 +558,7 @@ def _demo(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as folder:
             guard = tiny_guard(folder, DEMO_UNSAFE_TEXT)
             jobs = read_jobs([json.dumps(record) for record in DEMO_CONVERSATIONS], generator)
-            args.json, args.no_progress, args.fail_fast = False, True, False
+            args.json, args.no_progress, args.fail_fast, args.concurrency = False, True, False, 1
             return run_moderation(guard, generator, jobs, args)
     finally:
         torch.set_num_threads(before)

@@ -249,8 +249,9 @@ def test_streamed_tool_call_arguments_are_judged(guard):
     assert any(chunk.tool_call_chunks for chunk in chunks)
 
 
-def test_interleaved_tool_call_chunks_are_one_stream_per_call_in_the_order_generated(guard):
-    chunks = [
+def interleaved_tool_call_chunks() -> list[AIMessageChunk]:
+    """Some text, then two tool calls whose argument chunks interleave."""
+    return [
         AIMessageChunk(content="Looking", tool_call_chunks=[]),
         AIMessageChunk(content="", tool_call_chunks=[{"name": "search", "args": "", "id": "a", "index": 0}]),
         AIMessageChunk(content="", tool_call_chunks=[{"args": '{"query": "rent a', "index": 0}]),
@@ -260,6 +261,10 @@ def test_interleaved_tool_call_chunks_are_one_stream_per_call_in_the_order_gener
         AIMessageChunk(content="", tool_call_chunks=[{"args": ' grinder"}', "index": 0}]),
         AIMessageChunk(content="", tool_call_chunks=[{"args": ' and roots"}', "index": 1}]),
     ]
+
+
+def test_interleaved_tool_call_chunks_are_one_stream_per_call_in_the_order_generated(guard):
+    chunks = interleaved_tool_call_chunks()
     handler = GuardCallbackHandler(guard, keep_results=1)
     streamed = list(scripted(chunks).stream("Plan", config={"callbacks": [handler]}))
     assert len(streamed) >= len(chunks)
@@ -571,16 +576,7 @@ def test_an_isolated_unsafe_token_is_held_then_released(guard):
 
 
 def test_the_wrapper_judges_tool_call_arguments(guard):
-    chunks = [
-        AIMessageChunk(content="Looking", tool_call_chunks=[]),
-        AIMessageChunk(content="", tool_call_chunks=[{"name": "search", "args": "", "id": "a", "index": 0}]),
-        AIMessageChunk(content="", tool_call_chunks=[{"args": '{"query": "rent a', "index": 0}]),
-        AIMessageChunk(
-            content="", tool_call_chunks=[{"name": "notes", "args": '{"text": "stumps', "id": "b", "index": 1}]
-        ),
-        AIMessageChunk(content="", tool_call_chunks=[{"args": ' grinder"}', "index": 0}]),
-        AIMessageChunk(content="", tool_call_chunks=[{"args": ' and roots"}', "index": 1}]),
-    ]
+    chunks = interleaved_tool_call_chunks()
     message = None
     for chunk in GuardedChatModel(scripted(chunks), guard).stream("Plan"):
         message = chunk if message is None else message + chunk

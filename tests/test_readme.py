@@ -20,12 +20,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapter.bundled_tokenizers import generator_tokenizer, package_file, qwen3_tokenizer, qwen3_tokenizer_path
 from adapter.retokenize import encode_ordinary
 from guard.testing import write_tiny_checkpoint
 from tests.test_source import encode
+from tests.tiny_generator import tiny_mistral_vocabulary_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -58,14 +58,7 @@ def world(tmp_path_factory):
     checkpoint = folder / "Qwen" / "Qwen3Guard-Stream-0.6B"
     write_tiny_checkpoint(checkpoint, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe)
     shutil.copytree(checkpoint, folder / "Qwen3Guard-Stream-0.6B")
-    torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_mistral_vocabulary_llama()
     tokenizer = generator_tokenizer("mistral-v1")
     tokenizer.chat_template = LLAMA3_TEMPLATE
     return folder, model, tokenizer

@@ -38,6 +38,7 @@ from integrations.transformers import (
     _first_unsafe_piece,
     guarded_generate,
 )
+from tests.tiny_generator import Scripted, tiny_mistral_vocabulary_llama
 
 BYTE_IDS = range(3, 259)  # <0x00>..<0xFF> in the Mistral v1 vocabulary
 PROMPT = [1, 22557, 28725]  # <s> Hello,
@@ -64,12 +65,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_mistral_vocabulary_llama()
 
 
 def generate(model, streamer=None, criteria=None, prompt=PROMPT, max_new_tokens=48, rows=1, processors=(), **kwargs):
@@ -470,24 +466,6 @@ def tiny_generator(vocab_size: int, eos: int) -> LlamaForCausalLM:
         tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
-
-
-class Scripted(LogitsProcessor):
-    """A real generator that says what it is told: the model runs every
-    step, the processor picks the token (then ``end``, once the script is
-    over). It records the prompt it was given."""
-
-    def __init__(self, prompt_length: int, script: list[int], end: int):
-        self.prompt_length, self.script, self.end = prompt_length, script, end
-        self.prompt: list[int] | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.prompt is None:
-            self.prompt = input_ids[0, : self.prompt_length].tolist()
-        step = input_ids.shape[1] - self.prompt_length
-        forced = torch.full_like(scores, -1e9)
-        forced[:, self.script[step] if step < len(self.script) else self.end] = 0.0
-        return forced
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from adapter import AdapterError, GuardAdapter, RollbackError, SourceDecoder, TokenIdError
 from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
@@ -37,6 +37,7 @@ from integrations.langchain import GuardCallbackHandler, GuardFlaggedError
 from integrations.transformers import GuardedStreamer, GuardStoppingCriteria, guarded_generate
 from tests.test_retokenize import cut_into_deltas, stream
 from tests.test_source import encode, reference_decode
+from tests.tiny_generator import Scripted, tiny_mistral_vocabulary_llama
 
 
 def guard_receives(guard, response: str) -> list[int]:
@@ -261,32 +262,9 @@ def test_text_deltas_flag_the_delta_holding_the_character(byte_guard):
 # --- the integrations never show the flagged character ----------------------
 
 
-class Scripted(LogitsProcessor):
-    """Makes a real (random) generator produce a scripted continuation: the
-    model runs every step, the processor picks the token. ``retry`` is what
-    it says after the first attempt got rolled back."""
-
-    def __init__(self, prompt_length: int, first: list[int], retry: list[int]):
-        self.prompt_length, self.first, self.retry = prompt_length, first, retry
-        self.longest = 0
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        script = self.first if self.longest <= step else self.retry
-        self.longest = max(self.longest, step + 1)
-        forced = torch.full_like(scores, -1e9)
-        forced[:, script[step] if step < len(script) else 2] = 0.0
-        return forced
-
-
 @pytest.fixture(scope="module")
 def mistral_model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_mistral_vocabulary_llama()
 
 
 PROMPT_IDS = [1, 22557, 28725]  # <s> Hello,
@@ -299,7 +277,7 @@ def test_guarded_streamer_withholds_the_multi_token_character(byte_guard, mistra
     streamer.adapter.moderate_prompt("Hello,")
     kwargs = dict(
         input_ids=torch.tensor([PROMPT_IDS]), max_new_tokens=len(answer) + 2, do_sample=False,
-        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), answer, answer)]), streamer=streamer,
+        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), answer)]), streamer=streamer,
         stopping_criteria=StoppingCriteriaList([GuardStoppingCriteria(streamer)]), eos_token_id=2,
     )  # fmt: skip
     thread = Thread(target=mistral_model.generate, kwargs=kwargs)
@@ -318,7 +296,7 @@ def test_guarded_generate_rolls_back_the_multi_token_character(byte_guard, mistr
     result = guarded_generate(
         mistral_model, tokenizer, byte_guard, "Hello,", input_ids=PROMPT_IDS, max_new_tokens=len(first) + 1,
         max_retries=2, do_sample=False, eos_token_id=2,
-        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), first, retry)]),
+        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), first, retry=retry)]),
     )  # fmt: skip
     assert result.attempts == 2 and not result.flagged
     assert UNSAFE_CHARACTER not in result.text

@@ -57,9 +57,9 @@ class StableToken:
     end: int
 
 
-class _TextLog:
-    """The pushed text, kept once (4 bytes a character, no object per delta)
-    so that rollback can recover any held text."""
+class TextLog:
+    """Streamed text, kept once (4 bytes a character, no object per delta) so
+    that a rollback can recover any part of it."""
 
     __slots__ = ("_buffer", "_length")
 
@@ -100,7 +100,7 @@ class StableRetokenizer:
         self._ordinary = cached_ordinary_tokenizer(tokenizer)
         self._max_held = max_held
         self._forced_cuts = 0
-        self._log = _TextLog()
+        self._log = TextLog()
         self._held = ""
         self._held_start = 0
         self._emitted = 0
