@@ -213,6 +213,12 @@ class GuardAdapter:
         return self._pushed
 
     @property
+    def text(self) -> str:
+        """The text pushed so far (decoded, for ids), reasoning and answer
+        together as the pieces' offsets index it."""
+        return self._log.slice(0, len(self._log))
+
+    @property
     def forced_cuts(self) -> int:
         """Runs without a stable boundary that were cut by force (see
         ``StableRetokenizer.forced_cuts``): 0 means the guard received exactly

@@ -127,6 +127,45 @@ def _wire_risk_levels(
     tensors["category_head.weight"] = category
 
 
+def _wire_prompt_risk(tensors: dict[str, torch.Tensor], unsafe_prompt: list[int], layers: int) -> None:
+    """Make the query head call a prompt Unsafe (category 0) exactly when it
+    holds one of these tokens, and Safe otherwise.
+
+    The query verdict is read at the ``<|im_end|>`` closing the user turn, so
+    it must see the whole prompt: layer 0's attention is made uniform (zero
+    queries and keys), its values read hidden dimension 4 (where only the
+    chosen tokens' embeddings are non-zero) and its output writes dimension
+    3, which nothing else writes. At ``<|im_end|>`` dimension 3 then holds
+    about 10 / (tokens so far) per chosen token, and exactly 0 without one;
+    the query head calls Unsafe when dimension 3 passes a thousandth of the
+    constant dimension 1, i.e. for prompts shorter than about 1000 tokens.
+    """
+    embeddings = tensors["model.embed_tokens.weight"]
+    embeddings[:, 3] = 0.0
+    embeddings[:, 4] = 0.0
+    embeddings[unsafe_prompt, 4] = 10.0
+    prefix = "model.layers.0.self_attn."
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        tensors[prefix + name + ".weight"] = torch.zeros_like(tensors[prefix + name + ".weight"])
+    tensors[prefix + "v_proj.weight"][0, 4] = 1.0  # kv head 0, dimension 0 ← hidden dimension 4
+    for layer in range(layers):
+        tensors[f"model.layers.{layer}.mlp.down_proj.weight"][3, :] = 0.0
+        tensors[f"model.layers.{layer}.self_attn.o_proj.weight"][3, :] = 0.0
+    tensors[prefix + "o_proj.weight"][3, 0] = 1.25  # hidden dimension 3 ← head 0 (kv head 0), dimension 0
+    pre = torch.zeros_like(tensors["query_risk_level_category_pre.weight"])
+    pre[0, 3] = pre[1, 1] = 1.0
+    tensors["query_risk_level_category_pre.weight"] = pre
+    norm = "query_risk_level_category_layernorm.weight"
+    tensors[norm] = torch.ones_like(tensors[norm])
+    risk = torch.zeros_like(tensors["query_risk_level_head.weight"])
+    risk[1, 0] = 1000.0  # Unsafe ← dimension 3
+    risk[0, 1] = 1.0  # Safe ← dimension 1
+    tensors["query_risk_level_head.weight"] = risk
+    category = torch.zeros_like(tensors["query_category_head.weight"])
+    category[0, 0] = 10.0
+    tensors["query_category_head.weight"] = category
+
+
 def write_tiny_checkpoint(
     folder: str | os.PathLike[str],
     *,
@@ -146,6 +185,7 @@ def write_tiny_checkpoint(
     unsafe_token_ids: Iterable[int] = (),
     controversial_token_ids: Iterable[int] = (),
     near_tie: float | None = None,
+    unsafe_prompt_token_ids: Iterable[int] | None = None,
     drop: Iterable[str] = (),
     as_causal_lm: bool = False,
 ) -> Path:
@@ -162,7 +202,9 @@ def write_tiny_checkpoint(
     ``unsafe_token_ids``, ``controversial_token_ids``: guard tokens the
     response head must call Unsafe, Controversial (every other token is then
     Safe); ``near_tie``: make every other token a near tie instead (see
-    ``_wire_risk_levels``).
+    ``_wire_risk_levels``). ``unsafe_prompt_token_ids``: the query head calls
+    a prompt Unsafe exactly when it holds one of these tokens (see
+    ``_wire_prompt_risk``; None leaves the query head random).
     ``drop``: tensor names to leave out; ``as_causal_lm``: write what a
     ``Qwen3ForCausalLM`` export of the model holds (an lm_head, no guard
     heads, no guard config fields) to test that such a copy is refused.
@@ -189,6 +231,8 @@ def write_tiny_checkpoint(
     unsafe, controversial = sorted(set(unsafe_token_ids)), sorted(set(controversial_token_ids))
     if unsafe or controversial or near_tie is not None:
         _wire_risk_levels(tensors, unsafe, controversial, near_tie)
+    if unsafe_prompt_token_ids is not None:
+        _wire_prompt_risk(tensors, sorted(set(unsafe_prompt_token_ids)), layers)
     if as_causal_lm:
         tensors = {key: value for key, value in tensors.items() if key.startswith("model.")}
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()

@@ -3,6 +3,7 @@
 crossguard demo                              # the whole pipeline on a tiny random guard
 crossguard moderate chats.jsonl --generator llama3 [--guard PATH | --tiny] [--json]
 crossguard bridge "some text" --generator mistral-v3
+crossguard serve --upstream http://127.0.0.1:8000/v1 --generator llama3   # the moderating gateway
 """
 
 from __future__ import annotations
@@ -662,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1].strip() + "\n\n" + _paragraphs(EXIT_STATUS),
         formatter_class=_HelpFormatter,
     )  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,moderate,bridge}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,moderate,bridge,serve}")
 
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on a tiny random guard (meaningless verdicts)",
@@ -729,7 +730,104 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the chat model's tokenizer (a bundled name or a path, as for moderate)")  # fmt: skip
     bridge.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     bridge.set_defaults(run=_bridge)
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve", help="run the OpenAI-compatible moderating gateway in front of an LLM server",
+        description=_paragraphs(
+            "Serve POST /v1/chat/completions (streaming and not), GET /v1/models, /health and /metrics. Prompts "
+            "are judged before they are forwarded to --upstream; answers are re-emitted only once the guard has "
+            "judged their text, and cut with finish_reason content_filter at a flag. API keys are best given in "
+            "the environment: CROSSGUARD_API_KEY (what clients must send) and CROSSGUARD_UPSTREAM_API_KEY (what "
+            "the upstream gets; without either, the client's Authorization header is forwarded).",
+        ),
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    serve.add_argument("--upstream", required=True, metavar="URL",
+                       help="the LLM server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), "
+                       "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)")  # fmt: skip
+    serve.add_argument("--generator", default=None, metavar="NAME_OR_PATH",
+                       help="the chat model's tokenizer (a bundled name or a path, as for moderate), to judge "
+                       "token ids when the upstream sends them; without it, text deltas are judged")  # fmt: skip
+    serve.add_argument("--guard", default=DEFAULT_GUARD, metavar="FOLDER_OR_HUB_ID",
+                       help="Qwen3Guard-Stream checkpoint folder, or hub id")  # fmt: skip
+    serve.add_argument("--tiny", action="store_true",
+                       help="use a tiny random guard wired to flag ' dynamite' (meaningless verdicts; for trying "
+                       "the gateway out)")  # fmt: skip
+    serve.add_argument("--device", default=None, help="torch device for the guard (default: CUDA when available)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_positive_int, default=8080, help="port to listen on")
+    serve.add_argument("--mode", default="strict", choices=["strict", "loose"],
+                       help="strict counts Controversial as Unsafe, loose as Safe")  # fmt: skip
+    serve.add_argument("--prompts", default="block", choices=["block", "annotate"],
+                       help="block: refuse a flagged prompt with HTTP 400 (code content_filter); annotate: forward "
+                       "it and report the verdict in prompt_filter_results")  # fmt: skip
+    serve.add_argument("--token-ids", default="use", choices=["use", "request", "off"],
+                       help="use: judge the generator's token ids when chunks carry them (needs --generator); "
+                       "request: also ask vLLM for them (return_token_ids); off: always judge text")  # fmt: skip
+    serve.add_argument("--no-tool-calls", dest="judge_tool_calls", action="store_false",
+                       help="do not judge tool-call arguments (they are judged by default)")  # fmt: skip
+    serve.add_argument("--api-key", default=os.environ.get("CROSSGUARD_API_KEY"), help=argparse.SUPPRESS)
+    serve.add_argument("--upstream-api-key", default=os.environ.get("CROSSGUARD_UPSTREAM_API_KEY"),
+                       help=argparse.SUPPRESS)  # fmt: skip
+    serve.add_argument("--fail-open", action="store_true",
+                       help="when the guard fails, forward the answer unjudged instead of ending it with an error")
+    serve.add_argument("--refusal", default=None, metavar="TEXT",
+                       help="what a flagged non-streamed answer is replaced with")  # fmt: skip
+    serve.add_argument("--max-streams", type=_positive_int, default=256, metavar="N",
+                       help="concurrent chat requests; more get HTTP 429")  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="N",
+                       help="largest request body; larger get HTTP 413")  # fmt: skip
+    serve.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="longest a request may take, stream included")  # fmt: skip
+    serve.add_argument("--ray", action="store_true", help="run the gateway on Ray Serve (needs crossguard[ray])")
+    serve.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
+    serve.add_argument("--num-gpus", type=float, default=0.0, metavar="X", help="GPUs per replica (with --ray)")
+    serve.set_defaults(run=_serve)
+
+
+def gateway_config(args: argparse.Namespace, guard: str) -> Any:
+    from integrations.gateway import DEFAULT_REFUSAL, GatewayConfig
+
+    try:
+        return GatewayConfig(
+            upstream=args.upstream, generator=args.generator, guard=guard, mode=args.mode, prompts=args.prompts,
+            token_ids=args.token_ids, judge_tool_calls=args.judge_tool_calls, api_key=args.api_key,
+            upstream_api_key=args.upstream_api_key, fail_open=args.fail_open, refusal=args.refusal or DEFAULT_REFUSAL,
+            max_streams=args.max_streams, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+            device=args.device,
+        )  # fmt: skip
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from integrations.gateway import create_app
+    except ImportError as error:
+        raise SetupError(f"{error} (pip install 'crossguard[gateway]')") from error
+    check_device(args.device)
+    if args.generator is not None:
+        load_generator_tokenizer(args.generator)  # a wrong name fails here, before the server starts
+    with tempfile.TemporaryDirectory(prefix="crossguard-tiny-guard-") as folder:
+        guard = None
+        if args.tiny:
+            print(TINY_WARNING, file=sys.stderr)
+            guard = tiny_guard(folder, unsafe_text=" dynamite", device=args.device)
+        config = gateway_config(args, folder if args.tiny else args.guard)
+        if args.ray:
+            from integrations.ray_serve import run_on_ray
+
+            return run_on_ray(config, host=args.host, port=args.port, replicas=args.replicas, num_gpus=args.num_gpus)
+        if guard is None:
+            guard = load_guard(args, folder)
+        uvicorn.run(create_app(config, guard=guard), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _silence_stdout() -> None:

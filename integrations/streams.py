@@ -67,8 +67,10 @@ class GuardStreams:
         policy: Any = None,
         judge_tool_calls: bool = True,
         response_prefix: str = "",
+        source_tokenizer: Any = None,
     ) -> None:
         self.guard = guard
+        self.source_tokenizer = source_tokenizer
         self.prompt = prompt
         self.policy = policy
         self.judge_tool_calls = judge_tool_calls
@@ -83,6 +85,8 @@ class GuardStreams:
         self._flags: dict[StreamKey, Any] = {}  # the verdict that flagged each flagged stream
         self._flag_spans: dict[StreamKey, tuple[int, int]] = {}  # text offsets of the two tokens that flagged
         self._last_start: dict[StreamKey, int] = {}  # start offset of the last guard token judged
+        self._id_streams: set[StreamKey] = set()  # streams fed generator ids (the others take text deltas)
+        self._spare: Any = None  # the session of judge_prompt(), for the first stream to open
         self._closed = False
 
     # --- streams ----------------------------------------------------------
@@ -99,26 +103,54 @@ class GuardStreams:
     @property
     def live_sessions(self) -> int:
         """Guard sessions still holding a KV cache."""
-        return len(self._adapters) if not self._closed else 0
+        return len(self._adapters) + (self._spare is not None) if not self._closed else 0
 
-    def open(self, key: StreamKey) -> GuardAdapter:
-        """The stream's adapter, opening it (a new session that judges the
-        prompt) on first use."""
-        adapter = self._adapters.get(key)
-        if adapter is not None:
-            return adapter
+    def judge_prompt(self) -> Any:
+        """Judge the prompt now, before any stream opens (a gateway refuses a
+        flagged prompt before forwarding it); the session is kept for the
+        first stream, whichever it is and however it is fed. Returns the
+        prompt's verdict."""
+        if self.query_verdict is not None:
+            return self.query_verdict
         if self._closed:
             raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
         session = self.guard.session(self.policy)
         try:
-            adapter = GuardAdapter(session, on_guard_tokens=partial(self._observe, key))
-            verdict = adapter.moderate_prompt(self.prompt)
+            self.query_verdict = session.moderate_prompt(self.prompt)
+        except BaseException:
+            session.close()
+            raise
+        self._spare = session
+        return self.query_verdict
+
+    def open(self, key: StreamKey, *, ids: bool = False) -> GuardAdapter:
+        """The stream's adapter, opening it (a new session that judges the
+        prompt) on first use. ``ids``: the stream will be fed generator token
+        ids (``push_ids``), decoded with ``source_tokenizer``, instead of text."""
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            if ids != (key in self._id_streams):
+                fed = "generator ids" if key in self._id_streams else "text deltas"
+                raise ValueError(f"the {key} stream is fed {fed}; one stream cannot take both")
+            return adapter
+        if self._closed:
+            raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
+        if ids and self.source_tokenizer is None:
+            raise ValueError("generator ids need the generator's tokenizer: GuardStreams(..., source_tokenizer=...)")
+        session, judged = (self._spare, True) if self._spare is not None else (self.guard.session(self.policy), False)
+        self._spare = None
+        try:
+            source = self.source_tokenizer if ids else None
+            adapter = GuardAdapter(session, source, on_guard_tokens=partial(self._observe, key))
+            verdict = self.query_verdict if judged else adapter.moderate_prompt(self.prompt)
         except BaseException:
             session.close()
             raise
         if self.query_verdict is None:
             self.query_verdict = verdict
         self._adapters[key] = adapter
+        if ids:
+            self._id_streams.add(key)
         self.pieces[key] = []
         self._generated[key] = []
         if key.tool_call is None and self.response_prefix:
@@ -144,12 +176,31 @@ class GuardStreams:
         self.pieces[key] += pieces
         return pieces
 
+    def push_ids(self, key: StreamKey, ids: list[int], *, reasoning: bool = False) -> list[JudgedPiece]:
+        """Judge the next generator token ids of a stream (decoded with
+        ``source_tokenizer``); the pieces judged by now. A stream is fed either
+        ids or text deltas, from its first push on."""
+        if not self.judges(key) or (not ids and key not in self._adapters):
+            return []
+        if key in self._finished:
+            raise RuntimeError(f"the {key} stream was finished; it takes no more ids")
+        adapter = self.open(key, ids=True)
+        pieces = adapter.push_reasoning_ids(ids) if reasoning else adapter.push_ids(ids)
+        self.pieces[key] += pieces
+        return pieces
+
+    def is_id_stream(self, key: StreamKey) -> bool:
+        return key in self._id_streams
+
     def reasoning(self, key: StreamKey) -> str:
         """The reasoning text pushed to a stream so far."""
         return "".join(self._reasoning.get(key, ()))
 
     def text(self, key: StreamKey) -> str:
-        """The text pushed to a stream so far (without the prefix)."""
+        """The text pushed to a stream so far (without the prefix); for a
+        stream fed ids, their text as decoded so far (reasoning first)."""
+        if key in self._id_streams:
+            return self._adapters[key].text
         return "".join(self._generated.get(key, ()))
 
     def pushed(self, key: StreamKey) -> int:
@@ -235,6 +286,9 @@ class GuardStreams:
         if self._closed:
             return
         self._closed = True
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
         for adapter in self._adapters.values():
             adapter.session.close()
 

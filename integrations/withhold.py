@@ -194,10 +194,14 @@ class StreamGate(Generic[Item]):
             raise RuntimeError("this StreamGate was finished; make a new one for a new response")
         needs: list[tuple[StreamKey, int]] = []
         self._waiting.append((item, needs))
-        for key, delta, *kind in deltas:  # (key, delta) or (key, delta, reasoning)
+        for key, delta, *kind in deltas:  # (key, delta) or (key, delta, reasoning); a delta is text or ids
             if not delta or not self.streams.judges(key):
                 continue
-            pieces = self.streams.push(key, delta, reasoning=bool(kind and kind[0]))
+            reasoning = bool(kind and kind[0])
+            if isinstance(delta, str):
+                pieces = self.streams.push(key, delta, reasoning=reasoning)
+            else:
+                pieces = self.streams.push_ids(key, list(delta), reasoning=reasoning)
             needs.append((key, self.streams.pushed(key) - 1))
             self._withhold(key, pieces)
             if self.flag is not None:
