@@ -525,9 +525,11 @@ class ChatRequest:
         if decoder is None:
             decoder = state.decoders[channel] = SourceDecoder(self.gateway.generator)
         state.decoded[channel] += "".join(piece.text for piece in decoder.push(ids))
-        shown, decoded = state.shown[channel], state.decoded[channel]
-        if not (decoded.startswith(shown) or shown.startswith(decoded)):
-            raise _IdsMismatch(f"choice {index}'s token ids decode to text that differs from the text it sent")
+        # The chunk is released once its ids are judged, so the text it shows
+        # must already be there in the ids' text: a server that sends text
+        # before its ids, or other text than its ids, is refused.
+        if not state.decoded[channel].startswith(state.shown[channel]):
+            raise _IdsMismatch(f"choice {index}'s token ids do not decode to the text it sent")
         return [(StreamKey(index), ids, channel == "reasoning")] if ids else []
 
     def check_ids_cover_text(self) -> None:

@@ -106,9 +106,32 @@ def run_block(code: str, scope: dict) -> None:
         exec(compile(code, "README.md", "exec"), scope)
 
 
+#: Where the README's gateway examples expect `crossguard serve`.
+GATEWAY_URL = "http://127.0.0.1:8080"
+
+
+@pytest.fixture(scope="module")
+def gateway_url(tmp_path_factory):
+    """A real gateway in front of the real tiny upstream, started only for the
+    blocks that talk to one; they run with its address in place of
+    ``GATEWAY_URL`` (that port may be taken on the machine)."""
+    from guard import StreamGuard
+    from integrations.gateway import GatewayConfig, create_app
+    from tests.gateway_harness import AppServer, write_gateway_guard
+    from tests.upstream_server import UpstreamServer
+
+    guard = StreamGuard.from_pretrained(write_gateway_guard(tmp_path_factory.mktemp("readme-gateway")))
+    with UpstreamServer() as upstream:
+        config = GatewayConfig(upstream=upstream.url, generator="llama3", token_ids="request")
+        with AppServer(create_app(config, guard=guard)) as server:
+            yield server.url
+
+
 @pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"line-{line}" for line, _ in BLOCKS])
-def test_readme_block_runs_as_written(world, monkeypatch, line, code):
+def test_readme_block_runs_as_written(world, monkeypatch, request, line, code):
     folder, model, tokenizer = world
+    if GATEWAY_URL in code:
+        code = code.replace(GATEWAY_URL, request.getfixturevalue("gateway_url"))
     monkeypatch.chdir(folder)
     scope = namespace(folder, model, tokenizer)
     errors: list[BaseException] = []
