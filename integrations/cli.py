@@ -114,14 +114,21 @@ def check_device(device: str | None) -> None:
         raise SetupError(f"--device {device}: {_one_line(error)}") from error
 
 
-def tiny_guard(folder: str, unsafe_text: str | None = None, device: str | None = None) -> Any:
+def tiny_guard(folder: str, unsafe_text: str | None = None, device: str | None = None, *,
+               unsafe_prompt_text: str | None = None) -> Any:  # fmt: skip
+    """A tiny random guard; ``unsafe_text`` is Unsafe in answers, and with
+    ``unsafe_prompt_text`` the query head refuses exactly the prompts holding
+    it (else its verdicts on prompts are random)."""
     from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
     from adapter.retokenize import encode_ordinary
     from guard import StreamGuard
     from guard.testing import write_tiny_checkpoint
 
     unsafe = encode_ordinary(qwen3_tokenizer(), unsafe_text) if unsafe_text else ()
-    write_tiny_checkpoint(folder, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe)
+    prompt = encode_ordinary(qwen3_tokenizer(), unsafe_prompt_text) if unsafe_prompt_text else None
+    write_tiny_checkpoint(
+        folder, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe, unsafe_prompt_token_ids=prompt
+    )
     return StreamGuard.from_pretrained(folder, device=device or "cpu")
 
 
@@ -755,8 +762,8 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--guard", default=DEFAULT_GUARD, metavar="FOLDER_OR_HUB_ID",
                        help="Qwen3Guard-Stream checkpoint folder, or hub id")  # fmt: skip
     serve.add_argument("--tiny", action="store_true",
-                       help="use a tiny random guard wired to flag ' dynamite' (meaningless verdicts; for trying "
-                       "the gateway out)")  # fmt: skip
+                       help="use a tiny random guard wired to flag ' dynamite' in answers and prompts (meaningless "
+                       "verdicts; for trying the gateway out)")  # fmt: skip
     serve.add_argument("--device", default=None, help="torch device for the guard (default: CUDA when available)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_positive_int, default=8080, help="port to listen on")
@@ -818,7 +825,7 @@ def _serve(args: argparse.Namespace) -> int:
         guard = None
         if args.tiny:
             print(TINY_WARNING, file=sys.stderr)
-            guard = tiny_guard(folder, unsafe_text=" dynamite", device=args.device)
+            guard = tiny_guard(folder, unsafe_text=" dynamite", device=args.device, unsafe_prompt_text=" dynamite")
         config = gateway_config(args, folder if args.tiny else args.guard)
         if args.ray:
             from integrations.ray_serve import run_on_ray

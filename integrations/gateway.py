@@ -133,6 +133,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.token_ids == "request" and self.generator is None:
+            raise ValueError("token_ids='request' needs the generator's tokenizer (generator=...) to judge the ids")
         for name in ("request_timeout_s", "upstream_connect_timeout_s", "upstream_read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
@@ -420,6 +422,10 @@ class _IdsMismatch(Exception):
     """The upstream's token ids do not decode to the text it sent."""
 
 
+class _BadChunk(Exception):
+    """A chunk the gateway cannot read, so cannot judge: the stream fails closed."""
+
+
 class ChatRequest:
     """One ``POST /v1/chat/completions``: the guard streams, the prompt's verdict, the relay."""
 
@@ -481,17 +487,22 @@ class ChatRequest:
     def deltas(self, chunk: dict[str, Any]) -> list[tuple[StreamKey, Any, bool]]:
         """(stream, text or ids, reasoning?) for every generated text a chunk carries."""
         deltas: list[tuple[StreamKey, Any, bool]] = []
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            index = choice.get("index", 0)
+        choices = chunk.get("choices") or ()
+        if not isinstance(choices, list):
+            raise _BadChunk("'choices' is not an array")
+        for choice in choices:
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            delta = (choice.get("delta") or {}) if isinstance(choice, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(delta, dict):
+                raise _BadChunk("a choice without an integer 'index' and an object 'delta'")
             state = self.choice(index)
-            delta = choice.get("delta") or {}
             if choice.get("finish_reason") is not None:
                 state.finished = True
             reasoning = delta.get("reasoning") or delta.get("reasoning_content") or ""
             content = delta.get("content") or ""
             ids = choice.get("token_ids")
+            if not isinstance(reasoning, str) or not isinstance(content, str):
+                raise _BadChunk("a delta whose content or reasoning is not a string")
             if state.mode is None and (reasoning or content or ids):
                 state.mode = "ids" if self.use_ids and isinstance(ids, list) else "text"
             if state.mode == "ids":
@@ -501,13 +512,16 @@ class ChatRequest:
                     deltas.append((StreamKey(index), reasoning, True))
                 if content:
                     deltas.append((StreamKey(index), content, False))
-            for position, call in enumerate(delta.get("tool_calls") or ()):
-                arguments = ((call or {}).get("function") or {}).get("arguments") or ""
-                if arguments:
-                    deltas.append((StreamKey(index, call.get("index", position)), arguments, False))
-            legacy = (delta.get("function_call") or {}).get("arguments") or ""
+            try:
+                for position, call in enumerate(delta.get("tool_calls") or ()):
+                    arguments = (call.get("function") or {}).get("arguments") or ""
+                    if arguments:
+                        deltas.append((StreamKey(index, call.get("index", position)), str(arguments), False))
+                legacy = (delta.get("function_call") or {}).get("arguments") or ""
+            except (AttributeError, TypeError):
+                raise _BadChunk("a malformed 'tool_calls' or 'function_call' delta") from None
             if legacy:
-                deltas.append((StreamKey(index, "function_call"), legacy, False))
+                deltas.append((StreamKey(index, "function_call"), str(legacy), False))
         return deltas
 
     def _id_deltas(self, index: int, state: _Choice, ids: Any, reasoning: str, content: str) -> list:
@@ -669,6 +683,12 @@ class _Relay:
         except _IdsMismatch as error:
             async for event in self._guard_failed(error, "the upstream's token ids do not match its text: " + str(error)
                                                   + "; run the gateway with token ids off"):  # fmt: skip
+                yield event
+            return
+        except _BadChunk as error:
+            self.gateway.metrics.upstream_errors.labels("bad_chunk").inc()
+            message = f"the upstream sent a chunk the gateway cannot judge: {error}"
+            async for event in self._guard_failed(error, message):
                 yield event
             return
         except Exception as error:  # fail closed (or open) on any guard failure

@@ -491,3 +491,58 @@ def test_64_concurrent_streams_each_get_exactly_their_judged_prefix(gateway_fact
     assert wait_for(lambda: metric(server, "crossguard_guard_sessions") == 0)
     with contextlib.suppress(AttributeError):
         assert server.app_state.engine.pending == 0
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+def test_crossguard_serve_runs_the_gateway(upstream, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "integrations.cli", "serve", "--upstream", upstream.url, "--tiny",
+               "--generator", "llama3", "--token-ids", "request", "--port", str(port)]  # fmt: skip
+    environment = {**os.environ, "CROSSGUARD_API_KEY": "secret-gateway-key", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            return False
+
+        assert wait_for(healthy, timeout=90), "crossguard serve did not come up"
+        server = type("Server", (), {"url": url})()
+        with pytest.raises(openai.AuthenticationError):
+            stream(server, SAFE)
+        chunks = list(client(server, api_key="secret-gateway-key").chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, stream=True, extra_body={"test_script": UNSAFE}))  # fmt: skip
+        text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
+        assert "dyn" not in text and UNSAFE.startswith(text) and finish_reasons(chunks) == ["content_filter"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "secret-gateway-key" not in output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--upstream", "localhost:8000"], "http(s) URL"),
+        (["--upstream", "http://127.0.0.1:1/v1", "--token-ids", "request"], "generator"),
+        (["--upstream", "http://127.0.0.1:1/v1", "--generator", "no-such-tokenizer"], "no-such-tokenizer"),
+    ],
+)
+def test_crossguard_serve_refuses_a_wrong_setup(arguments, message, capsys):
+    from integrations.cli import EXIT_SETUP, main
+
+    assert main(["serve", "--tiny", *arguments]) == EXIT_SETUP
+    assert message in capsys.readouterr().err
