@@ -63,6 +63,7 @@ try:
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         f"the gateway needs the 'gateway' extra ({error.name} is missing): pip install 'crossguard[gateway]'"
@@ -110,7 +111,10 @@ class GatewayConfig:
     fail_open: bool = False
     refusal: str = DEFAULT_REFUSAL
     max_body_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_line_bytes: int = 1024 * 1024
     max_streams: int = 256
+    max_choices: int = 16
     request_timeout_s: float = 600.0
     upstream_connect_timeout_s: float = 10.0
     upstream_read_timeout_s: float = 120.0
@@ -129,7 +133,7 @@ class GatewayConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("max_body_bytes", "max_streams"):
+        for name in ("max_body_bytes", "max_response_bytes", "max_line_bytes", "max_streams", "max_choices"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -142,7 +146,11 @@ class GatewayConfig:
     def public(self) -> dict[str, Any]:
         """The settings without secrets (for /health and logs)."""
         hidden = {"api_key", "upstream_api_key"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        upstream = httpx.URL(self.upstream)
+        if upstream.userinfo:  # http://user:password@host sends basic auth: never print it
+            settings["upstream"] = str(upstream.copy_with(username="***", password="***"))
+        return settings
 
 
 class GatewayError(Exception):
@@ -189,16 +197,37 @@ def prompt_filter_results(verdict: Any, filtered: bool) -> list[dict[str, Any]]:
 # --- requests -------------------------------------------------------------------
 
 
-def _text_content(content: Any) -> str | None:
-    """The text of a message's content: a str, or the text parts of a list of
-    parts (images and audio are not judged: the guard reads text)."""
+# Content parts that hold text the model reads (OpenAI's chat and Responses
+# shapes, and vLLM's extensions), and parts that are not text: the guard
+# reads text only, so media are forwarded unjudged.
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+               "thinking": "thinking"}  # fmt: skip
+_MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "file", "input_file"}
+
+
+def _text_content(content: Any, *, strict: bool = True) -> str | None:
+    """The text of a message's content: a str, or the text of a list of
+    parts. ``strict``: a part of a kind the gateway does not know is refused
+    (its text could reach the model unjudged); else it is read as text if
+    it has some."""
     if content is None or isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        return "".join(text for text in texts if isinstance(text, str))
-    raise GatewayError(400, f"message content must be a string or a list of parts, got {type(content).__name__}",
-                       type="invalid_request_error", param="messages")  # fmt: skip
+    if not isinstance(content, list):
+        raise GatewayError(400, f"message content must be a string or a list of parts, got {type(content).__name__}",
+                           type="invalid_request_error", param="messages")  # fmt: skip
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            continue
+        field = _TEXT_PARTS.get(kind) if isinstance(kind, str) else None
+        text = part.get(field or "text") if isinstance(part, dict) else None
+        if (field is None and strict) or not isinstance(text, str):
+            raise GatewayError(400, f"a content part of type {kind!r} that the moderating gateway cannot judge; "
+                               f"text parts are {', '.join(sorted(_TEXT_PARTS))}", type="invalid_request_error",
+                               param="messages")  # fmt: skip
+        texts.append(text)
+    return "".join(texts)
 
 
 def guard_conversation(messages: Any) -> tuple[list[dict[str, Any]], str]:
@@ -356,8 +385,9 @@ class Gateway:
                 raise too_big
         try:
             payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise GatewayError(400, f"the request body is not valid JSON ({error})",
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            reason = "it nests too deep" if isinstance(error, RecursionError) else str(error)
+            raise GatewayError(400, f"the request body is not valid JSON ({reason})",
                                type="invalid_request_error") from None  # fmt: skip
         if not isinstance(payload, dict):
             raise GatewayError(400, "the request body must be a JSON object", type="invalid_request_error")
@@ -419,34 +449,87 @@ class _Choice:
 
 
 class _IdsMismatch(Exception):
-    """The upstream's token ids do not decode to the text it sent."""
+    """The upstream's token ids do not decode to the text it sent (or cannot be
+    split between reasoning and answer): the response is judged from text."""
 
 
 class _BadChunk(Exception):
     """A chunk the gateway cannot read, so cannot judge: the stream fails closed."""
 
 
+def _reasoning_text(fields: dict[str, Any]) -> str:
+    """Reasoning under either name; both are judged when a server sends two different texts."""
+    texts = [fields.get(name) or "" for name in ("reasoning", "reasoning_content")]
+    if not all(isinstance(text, str) for text in texts):
+        raise _BadChunk("reasoning that is not a string")
+    return texts[0] if texts[0] == texts[1] else texts[0] + texts[1]
+
+
+def _tool_arguments(index: int, fields: dict[str, Any], positions: bool) -> list[tuple[StreamKey, str]]:
+    """(stream, arguments text) of every tool call (and legacy function call) in a delta or message."""
+    found = []
+    try:
+        for position, call in enumerate(fields.get("tool_calls") or ()):
+            arguments = (call.get("function") or {}).get("arguments") or ""
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            key = StreamKey(index, position if positions else call.get("index", position))
+            found.append((key, arguments))
+        legacy = (fields.get("function_call") or {}).get("arguments") or ""
+    except (AttributeError, TypeError):
+        raise _BadChunk("a malformed 'tool_calls' or 'function_call'") from None
+    if legacy:
+        found.append((StreamKey(index, "function_call"), legacy if isinstance(legacy, str) else json.dumps(legacy)))
+    return [(key, arguments) for key, arguments in found if arguments]
+
+
 class ChatRequest:
-    """One ``POST /v1/chat/completions``: the guard streams, the prompt's verdict, the relay."""
+    """One ``POST /v1/chat/completions``: the guard streams, the prompt's verdict, the choices."""
 
     def __init__(self, gateway: Gateway, payload: dict[str, Any]) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self.payload = payload
+        self.deadline = time.monotonic() + self.config.request_timeout_s
         self.failed_open = False  # the guard failed and the gateway fails open: text goes out unjudged
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise GatewayError(400, "'stream' must be true or false", type="invalid_request_error", param="stream")
+        self.stream = bool(stream)
+        choices = payload.get("n", 1)
+        if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int)
+                                    or not 1 <= choices <= self.config.max_choices):  # fmt: skip
+            raise GatewayError(400, f"'n' must be a whole number from 1 to {self.config.max_choices} (the gateway "
+                               "judges every choice)", type="invalid_request_error", param="n")  # fmt: skip
         self.messages, self.prefill = guard_conversation(payload.get("messages"))
-        self.stream = bool(payload.get("stream", False))
         self.use_ids = (
             gateway.generator is not None and self.config.token_ids != "off" and not self.prefill
             and not payload.get("tools") and not payload.get("functions")
         )  # fmt: skip
-        self.streams = GuardStreams(
-            gateway.engine, self.messages, policy=gateway.policy, judge_tool_calls=self.config.judge_tool_calls,
-            response_prefix=self.prefill, source_tokenizer=gateway.generator if self.use_ids else None,
-        )  # fmt: skip
+        self.streams = self._new_streams()
         self.choices: dict[int, _Choice] = {}
         self.query_verdict: Any = None
         self.request_id = uuid.uuid4().hex[:12]
+
+    def _new_streams(self) -> GuardStreams:
+        return GuardStreams(
+            self.gateway.engine, self.messages, policy=self.gateway.policy,
+            judge_tool_calls=self.config.judge_tool_calls, response_prefix=self.prefill,
+            source_tokenizer=self.gateway.generator if self.use_ids else None,
+        )  # fmt: skip
+
+    def judge_from_text(self) -> GuardStreams:
+        """Start judging over, from the text (after ids that do not match it);
+        returns the old streams, for the caller to close."""
+        old = self.streams
+        self.use_ids = False
+        self.streams = self._new_streams()
+        self.choices = {}
+        return old
+
+    def remaining(self) -> float:
+        """Seconds left before the request's time limit."""
+        return self.deadline - time.monotonic()
 
     def upstream_body(self) -> dict[str, Any]:
         body = dict(self.payload)
@@ -472,10 +555,6 @@ class ChatRequest:
                    "crossguard": {"verdict": verdict_json(verdict)}},
         )  # fmt: skip
 
-    def prompt_flagged(self) -> bool:
-        verdict = self.query_verdict
-        return verdict is not None and self.gateway.policy.counts_as_unsafe(verdict.risk_level)
-
     # --- streaming ------------------------------------------------------------
 
     def choice(self, index: int) -> _Choice:
@@ -485,9 +564,12 @@ class ChatRequest:
         return state
 
     def deltas(self, chunk: dict[str, Any]) -> list[tuple[StreamKey, Any, bool]]:
-        """(stream, text or ids, reasoning?) for every generated text a chunk carries."""
+        """(stream, text or ids, reasoning?) for every generated text a chunk
+        carries. In text mode the chunk's ``token_ids`` and ``logprobs`` are
+        removed: they could spell out text the guard has not judged yet."""
         deltas: list[tuple[StreamKey, Any, bool]] = []
-        choices = chunk.get("choices") or ()
+        choices = chunk.get("choices")
+        choices = [] if choices is None else choices
         if not isinstance(choices, list):
             raise _BadChunk("'choices' is not an array")
         for choice in choices:
@@ -498,30 +580,26 @@ class ChatRequest:
             state = self.choice(index)
             if choice.get("finish_reason") is not None:
                 state.finished = True
-            reasoning = delta.get("reasoning") or delta.get("reasoning_content") or ""
+            reasoning = _reasoning_text(delta)
             content = delta.get("content") or ""
+            refusal = delta.get("refusal") or ""
+            if not isinstance(content, str) or not isinstance(refusal, str):
+                raise _BadChunk("a delta whose content or refusal is not a string")
             ids = choice.get("token_ids")
-            if not isinstance(reasoning, str) or not isinstance(content, str):
-                raise _BadChunk("a delta whose content or reasoning is not a string")
             if state.mode is None and (reasoning or content or ids):
                 state.mode = "ids" if self.use_ids and isinstance(ids, list) else "text"
             if state.mode == "ids":
                 deltas += self._id_deltas(index, state, ids, reasoning, content)
             else:
+                choice.pop("token_ids", None)
+                choice.pop("logprobs", None)
                 if reasoning:
                     deltas.append((StreamKey(index), reasoning, True))
                 if content:
                     deltas.append((StreamKey(index), content, False))
-            try:
-                for position, call in enumerate(delta.get("tool_calls") or ()):
-                    arguments = (call.get("function") or {}).get("arguments") or ""
-                    if arguments:
-                        deltas.append((StreamKey(index, call.get("index", position)), str(arguments), False))
-                legacy = (delta.get("function_call") or {}).get("arguments") or ""
-            except (AttributeError, TypeError):
-                raise _BadChunk("a malformed 'tool_calls' or 'function_call' delta") from None
-            if legacy:
-                deltas.append((StreamKey(index, "function_call"), str(legacy), False))
+            if refusal:
+                deltas.append((StreamKey(index, "refusal"), refusal, False))
+            deltas += [(key, arguments, False) for key, arguments in _tool_arguments(index, delta, positions=False)]
         return deltas
 
     def _id_deltas(self, index: int, state: _Choice, ids: Any, reasoning: str, content: str) -> list:
@@ -529,6 +607,8 @@ class ChatRequest:
             if reasoning or content:
                 raise _IdsMismatch(f"choice {index} sent text without token ids after sending ids")
             return []
+        if reasoning and content:
+            raise _IdsMismatch(f"choice {index} sent reasoning and answer in one delta, so its ids cannot be split")
         if content:
             state.channel = "main"
         elif reasoning:
@@ -541,7 +621,7 @@ class ChatRequest:
         state.decoded[channel] += "".join(piece.text for piece in decoder.push(ids))
         # The chunk is released once its ids are judged, so the text it shows
         # must already be there in the ids' text: a server that sends text
-        # before its ids, or other text than its ids, is refused.
+        # before its ids, or other text than its ids, is judged from text.
         if not state.decoded[channel].startswith(state.shown[channel]):
             raise _IdsMismatch(f"choice {index}'s token ids do not decode to the text it sent")
         return [(StreamKey(index), ids, channel == "reasoning")] if ids else []
@@ -560,17 +640,15 @@ class ChatRequest:
         state = self.choices.get(index)
         return state.mode if state is not None and state.mode is not None else ("ids" if self.use_ids else "text")
 
-    def flag_metadata(self, key: StreamKey, verdict: Any, gate: StreamGate | None) -> dict[str, Any]:
-        withholder = gate.withholders.get(key) if gate is not None else None
-        first = withholder.withheld[0] if withholder is not None and withholder.withheld else None
-        where: dict[str, Any] = {"stream": str(key), "choice": key.choice, "tool_call": key.tool_call}
-        if first is not None:
+    def flag_metadata(self, key: StreamKey, verdict: Any, withheld_from: int | None) -> dict[str, Any]:
+        details: dict[str, Any] = {"flagged": True, "mode": self.mode(key.choice), "stream": str(key),
+                                   "choice": key.choice, "tool_call": key.tool_call}  # fmt: skip
+        if withheld_from is not None:
             unit = "generator_token" if self.streams.is_id_stream(key) else "delta"
-            where |= {"withheld_from": {unit: first.index, "offset": first.start}}
-        return {"flagged": True, "mode": self.mode(key.choice), **where, "verdict": verdict_json(verdict),
-                "request": self.request_id}  # fmt: skip
+            details["withheld_from"] = {unit: withheld_from}
+        return {**details, "verdict": verdict_json(verdict), "request": self.request_id}
 
-    def cut_chunk(self, template: dict[str, Any], key: StreamKey, verdict: Any, gate: StreamGate) -> dict[str, Any]:
+    def cut_chunk(self, template: dict[str, Any], key: StreamKey, verdict: Any, withheld_from: int | None) -> dict:
         """The last chunk of a cut stream: ``content_filter`` for every choice still open."""
         open_choices = sorted(index for index, state in self.choices.items() if not state.finished) or [key.choice]
         choices = []
@@ -580,7 +658,7 @@ class ChatRequest:
                 "index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter",
                 "content_filter_results": filter_results(verdict, True) if filtered else {},
             })  # fmt: skip
-        return {**template, "choices": choices, "crossguard": self.flag_metadata(key, verdict, gate)}
+        return {**template, "choices": choices, "crossguard": self.flag_metadata(key, verdict, withheld_from)}
 
 
 def _sse(data: Any) -> bytes:
@@ -592,8 +670,42 @@ def _error_event(message: str, type: str, code: str) -> bytes:
     return _sse({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
+def _json(data: bytes | str) -> Any:
+    """Parsed JSON, or ``_BadChunk`` (for text that is not JSON, or nests too deep)."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise _BadChunk(f"not JSON ({type(error).__name__})") from None
+
+
+def _upstream_message(event: Any) -> str:
+    error = event.get("error") if isinstance(event, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return (message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))[:500]
+
+
+async def _lines(response: httpx.Response, limit: int) -> AsyncIterator[str]:
+    """The SSE lines of a response, each at most ``limit`` bytes."""
+    buffer = b""
+    async for part in response.aiter_bytes():
+        buffer += part
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+        if len(buffer) > limit:
+            raise _BadChunk(f"a line longer than the gateway's limit of {limit:,} bytes")
+    if buffer:
+        yield buffer.decode("utf-8", errors="replace")
+
+
 class _Relay:
-    """Re-emits one upstream stream through the guard (see the module docstring)."""
+    """Re-emits one upstream stream through the guard (see the module docstring).
+
+    Every chunk goes through a ``StreamGate``, which releases it once its text
+    is judged. If the upstream's token ids turn out not to match its text, the
+    response is judged afresh from its text: the chunks seen so far are
+    replayed into a text-mode gate, and only those not sent yet go out.
+    """
 
     def __init__(self, gateway: Gateway, chat: ChatRequest, response: httpx.Response) -> None:
         self.gateway, self.chat, self.response = gateway, chat, response
@@ -602,6 +714,9 @@ class _Relay:
                                          "created": int(time.time()), "model": chat.payload.get("model", "")}
         self.outcome = "completed"
         self.failed_open = chat.failed_open
+        self.history: list[dict[str, Any]] = []  # chunks given to the gate, in order
+        self.sent: set[int] = set()  # id() of the chunks sent
+        self.starts: dict[int, dict[StreamKey, int]] = {}  # per chunk: first source index of each stream it feeds
 
     def _learn(self, chunk: dict[str, Any]) -> None:
         for name in ("id", "created", "model", "system_fingerprint"):
@@ -613,14 +728,8 @@ class _Relay:
         try:
             yield _sse({**self.template, "choices": [],
                         "prompt_filter_results": prompt_filter_results(chat.query_verdict, False)})  # fmt: skip
-            async with asyncio.timeout(gateway.config.request_timeout_s):
-                async for event in self._relay():
-                    yield event
-        except TimeoutError:
-            self.outcome = "timeout"
-            yield _error_event(f"the request took longer than the gateway's limit of "
-                               f"{gateway.config.request_timeout_s:g} s", "timeout_error", "timeout")  # fmt: skip
-            yield _sse("[DONE]")
+            async for event in self._relay():
+                yield event
         except BaseException:
             self.outcome = "client_gone" if self.outcome == "completed" else self.outcome
             raise
@@ -629,43 +738,56 @@ class _Relay:
             await cleanup.run()  # closes the upstream connection (the generator stops) and frees the guard
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        gateway, gate = self.gateway, self.gate
+        gateway, chat = self.gateway, self.chat
+        lines = _lines(self.response, gateway.config.max_line_bytes)
         try:
-            async for line in self.response.aiter_lines():
+            while True:
+                remaining = chat.remaining()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    line = await asyncio.wait_for(anext(lines), remaining)
+                except StopAsyncIteration:
+                    # The body ended without [DONE]: the upstream dropped the stream.
+                    raise httpx.RemoteProtocolError("the upstream stream ended without data: [DONE]") from None
+                if line.startswith("error:"):  # llama.cpp's error event
+                    line = "data:" + json.dumps({"error": {"message": line[6:].strip()}})
                 if not line.startswith("data:"):
                     continue  # blank separators, ': ping' comments, event names
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
-                    self.outcome = "upstream_error"
-                    gateway.upstream_error("bad_chunk", f"not JSON: {data[:80]!r}")
-                    yield _error_event("the upstream server sent a chunk that is not JSON", "upstream_error",
-                                       "upstream_bad_chunk")  # fmt: skip
-                    yield _sse("[DONE]")
-                    return
+                chunk = _json(data)
                 if isinstance(chunk, dict) and chunk.get("error"):
                     # The upstream failed mid-stream: what the guard has not released stays withheld.
                     self.outcome = "upstream_error"
                     gateway.metrics.upstream_errors.labels("error_event").inc()
-                    yield _sse(chunk)
+                    yield _error_event(f"the upstream server failed mid-stream: {_upstream_message(chunk)}",
+                                       "upstream_error", "upstream_error_event")  # fmt: skip
                     yield _sse("[DONE]")
                     return
                 if not isinstance(chunk, dict):
-                    continue
+                    raise _BadChunk("a chunk that is not a JSON object")
                 self._learn(chunk)
                 if self.failed_open:
                     yield _sse(chunk)
                     continue
                 async for event in self._judge(chunk):
                     yield event
-                if gate.flag is not None:
+                if self.gate.flag is not None:
                     return
-            else:
-                # The body ended without [DONE]: the upstream dropped the stream.
-                raise httpx.RemoteProtocolError("the upstream stream ended without data: [DONE]")
+        except TimeoutError:
+            self.outcome = "timeout"
+            yield _error_event(f"the request took longer than the gateway's limit of "
+                               f"{gateway.config.request_timeout_s:g} s", "timeout_error", "timeout")  # fmt: skip
+            yield _sse("[DONE]")
+            return
+        except _BadChunk as error:
+            gateway.metrics.upstream_errors.labels("bad_chunk").inc()
+            message = f"the upstream sent a chunk the gateway cannot judge: {error}"
+            async for event in self._guard_failed(error, message):
+                yield event
+            return
         except (httpx.TransportError, httpx.StreamError) as error:
             self.outcome = "upstream_error"
             gateway.upstream_error("dropped", error)
@@ -673,53 +795,88 @@ class _Relay:
                                "answer is incomplete", "upstream_error", "upstream_dropped")  # fmt: skip
             yield _sse("[DONE]")
             return
+        finally:
+            await lines.aclose()
         async for event in self._finish():
             yield event
 
+    async def _push(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """Give a chunk to the gate; the chunks now ready that were not sent before."""
+        chat = self.chat
+        deltas = chat.deltas(chunk)
+        self.starts[id(chunk)] = {key: chat.streams.pushed(key) for key, *_ in deltas}
+        self.history.append(chunk)
+        ready = await self.gateway.run(self.gate.push, chunk, deltas)
+        fresh = [item for item in ready if id(item) not in self.sent]
+        self.sent.update(id(item) for item in ready)
+        return fresh
+
+    async def _judge_from_text(self, chunk: dict[str, Any] | None, error: _IdsMismatch) -> list[dict[str, Any]]:
+        log.warning("request %s: %s; judging the response from its text instead", self.chat.request_id, error)
+        self.gateway.close_later(self.chat.judge_from_text())
+        self.gate = StreamGate(self.chat.streams)
+        replay, self.history, self.starts = [*self.history, *([chunk] if chunk else [])], [], {}
+        ready = []
+        for item in replay:
+            ready += await self._push(item)
+            if self.gate.flag is not None:
+                break
+        return ready
+
     async def _judge(self, chunk: dict[str, Any]) -> AsyncIterator[bytes]:
-        chat, gate = self.chat, self.gate
         try:
-            ready = await self.gateway.run(gate.push, chunk, chat.deltas(chunk))
-        except _IdsMismatch as error:
-            async for event in self._guard_failed(error, "the upstream's token ids do not match its text: " + str(error)
-                                                  + "; run the gateway with token ids off"):  # fmt: skip
-                yield event
-            return
-        except _BadChunk as error:
-            self.gateway.metrics.upstream_errors.labels("bad_chunk").inc()
-            message = f"the upstream sent a chunk the gateway cannot judge: {error}"
-            async for event in self._guard_failed(error, message):
-                yield event
-            return
+            try:
+                ready = await self._push(chunk)
+            except _IdsMismatch as error:
+                ready = await self._judge_from_text(chunk, error)
+        except _BadChunk:
+            raise
         except Exception as error:  # fail closed (or open) on any guard failure
             async for event in self._guard_failed(error):
                 yield event
             return
         for item in ready:
             yield _sse(item)
-        if gate.flag is not None:
+        if self.gate.flag is not None:
             yield self._cut()
 
     async def _finish(self) -> AsyncIterator[bytes]:
-        chat, gate = self.chat, self.gate
         if self.failed_open:
             yield _sse("[DONE]")
             return
         try:
-            chat.check_ids_cover_text()
-            ready = await self.gateway.run(gate.finish)
+            try:
+                self.chat.check_ids_cover_text()
+            except _IdsMismatch as error:
+                for item in await self._judge_from_text(None, error):
+                    yield _sse(item)
+                if self.gate.flag is not None:
+                    yield self._cut()
+                    return
+            ready = await self.gateway.run(self.gate.finish)
         except Exception as error:
             async for event in self._guard_failed(error):
                 yield event
             return
-        if gate.flag is not None:
+        ready = [item for item in ready if id(item) not in self.sent]
+        if self.gate.flag is not None:
             # The end of the turn flagged: its finish chunk gives way to ours.
             ready = [item for item in ready if not any(c.get("finish_reason") for c in item.get("choices") or ())]
         for item in ready:
             yield _sse(item)
-        if gate.flag is not None:
+        if self.gate.flag is not None:
             yield self._cut()
         yield _sse("[DONE]")
+
+    def _withheld_from(self, key: StreamKey) -> int | None:
+        """The first source index (generator token, or delta) of the flagged
+        stream in a chunk that was not sent: where the client's text stops."""
+        for chunk in self.history:
+            start = self.starts.get(id(chunk), {}).get(key)
+            if start is not None and id(chunk) not in self.sent:
+                return start
+        withholder = self.gate.withholders.get(key)
+        return withholder.withheld[0].index if withholder is not None and withholder.withheld else None
 
     def _cut(self) -> bytes:
         key, verdict = self.gate.flag
@@ -727,7 +884,8 @@ class _Relay:
         self.gateway.metrics.flags.labels("response", getattr(verdict, "category", None) or "unspecified").inc()
         log.info("request %s: %s flagged (%s), stream cut", self.chat.request_id, key,
                  getattr(verdict, "category", None))  # fmt: skip
-        return _sse(self.chat.cut_chunk(self.template, key, verdict, self.gate)) + _sse("[DONE]")
+        cut = self.chat.cut_chunk(self.template, key, verdict, self._withheld_from(key))
+        return _sse(cut) + _sse("[DONE]")
 
     async def _guard_failed(self, error: BaseException, message: str | None = None) -> AsyncIterator[bytes]:
         self.gateway.metrics.guard_errors.inc()
@@ -736,47 +894,104 @@ class _Relay:
             self.failed_open = True
             self.outcome = "failed_open"
             for item in self.gate.release_all():
-                yield _sse(item)
+                if id(item) not in self.sent:
+                    yield _sse(item)
             return
         self.outcome = "guard_error"
-        text = message or f"the moderation guard failed ({type(error).__name__}: {error}); the answer was stopped"
-        yield _error_event(text, "server_error", "guard_error")
+        code = "guard_error"
+        if message is None and isinstance(error, EngineCapacityError):
+            message = "the moderation guard is at capacity; the answer was stopped (retry shortly)"
+            code = "guard_capacity"
+        text = message or f"the moderation guard failed ({type(error).__name__}); the answer was stopped"
+        yield _error_event(text, "server_error", code)
         yield _sse("[DONE]")
         self.gate.flag = (StreamKey(0), None)  # stops the relay
 
 
-async def _completion(gateway: Gateway, chat: ChatRequest, response: httpx.Response) -> JSONResponse:
+async def _within_limits(gateway: Gateway, chat: ChatRequest, request: Request, work: Any) -> Any:
+    """Await ``work`` (a coroutine talking to the upstream) within the
+    request's time limit; a client that leaves meanwhile cancels it (which
+    closes the upstream request: the generator stops)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            remaining = chat.remaining()
+            if remaining <= 0:
+                gateway.metrics.requests.labels("timeout").inc()
+                raise GatewayError(504, f"the request took longer than the gateway's limit of "
+                                   f"{gateway.config.request_timeout_s:g} s", type="timeout_error",
+                                   code="timeout")  # fmt: skip
+            done, _ = await asyncio.wait({task}, timeout=min(remaining, 0.25))
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                gateway.metrics.requests.labels("client_gone").inc()
+                raise GatewayError(499, "the client closed the request", type="invalid_request_error",
+                                   code="client_closed_request")  # fmt: skip
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _read_completion(gateway: Gateway, chat: ChatRequest, response: httpx.Response, request: Request) -> bytes:
+    """The upstream's whole answer, within the time and size limits."""
+    limit = gateway.config.max_response_bytes
+
+    async def read() -> bytes:
+        body = bytearray()
+        try:
+            async for part in response.aiter_bytes():
+                body += part
+                if len(body) > limit:
+                    raise gateway.upstream_error("too_large", f"the answer is larger than the gateway's limit of "
+                                                              f"{limit:,} bytes")  # fmt: skip
+        except httpx.TimeoutException as error:
+            raise gateway.upstream_error("timeout", error) from None
+        except (httpx.TransportError, httpx.StreamError) as error:
+            raise gateway.upstream_error("dropped", error) from None
+        return bytes(body)
+
+    return await _within_limits(gateway, chat, request, read())
+
+
+# Fields of a flagged choice that are kept: everything else (token ids,
+# logprobs, tool calls, reasoning) could spell out the withheld answer.
+_FLAGGED_CHOICE_FIELDS = ("index",)
+
+
+async def _completion(gateway: Gateway, chat: ChatRequest, body: bytes) -> JSONResponse:
     """A non-streamed answer, judged whole as a stream would be; flagged choices
     get the refusal and ``finish_reason: "content_filter"``."""
     try:
-        data = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise gateway.upstream_error("bad_response", "the upstream's answer is not JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        raise gateway.upstream_error("bad_response", "the upstream's answer has no 'choices' array")
-    streams = chat.streams
+        data = _json(body)
+    except _BadChunk as error:
+        raise gateway.upstream_error("bad_response", f"the upstream's answer is {error}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise gateway.upstream_error("bad_response", "the upstream's answer has no 'choices' array of objects")
     try:
-        flagged = await gateway.run(_judge_completion, chat, data["choices"])
-    except GatewayError:
-        raise
+        flagged = await gateway.run(_judge_completion, chat, choices)
+    except _BadChunk as error:
+        raise gateway.upstream_error("bad_response", f"the upstream's answer cannot be judged: {error}") from None
     except Exception as error:
         gateway.metrics.guard_errors.inc()
         log.error("request %s: guard failed: %r", chat.request_id, error)
         if not gateway.config.fail_open:
-            raise GatewayError(500, f"the moderation guard failed ({type(error).__name__}: {error})",
+            raise GatewayError(500, f"the moderation guard failed ({type(error).__name__})",
                                type="server_error", code="guard_error") from error  # fmt: skip
         flagged = {}
-    for choice in data["choices"]:
-        if not isinstance(choice, dict):
-            continue
+    for number, choice in enumerate(choices):
         index = choice.get("index", 0)
-        verdict = flagged.get(index)
         if index in flagged:
-            choice["message"] = {"role": "assistant", "content": gateway.config.refusal}
-            choice["finish_reason"] = "content_filter"
-            choice["content_filter_results"] = filter_results(verdict, True)
-            key = next(key for key in streams.flagged if key.choice == index)
-            choice["crossguard"] = chat.flag_metadata(key, verdict, None)
+            key, verdict = flagged[index]
+            choices[number] = {
+                **{name: choice[name] for name in _FLAGGED_CHOICE_FIELDS if name in choice},
+                "message": {"role": "assistant", "content": gateway.config.refusal}, "logprobs": None,
+                "finish_reason": "content_filter", "content_filter_results": filter_results(verdict, True),
+                "crossguard": chat.flag_metadata(key, verdict, None),
+            }  # fmt: skip
             gateway.metrics.flags.labels("response", getattr(verdict, "category", None) or "unspecified").inc()
         else:
             choice["content_filter_results"] = {}
@@ -786,16 +1001,22 @@ async def _completion(gateway: Gateway, chat: ChatRequest, response: httpx.Respo
     return JSONResponse(data)
 
 
-def _judge_completion(chat: ChatRequest, choices: list) -> dict[int, Any]:
-    """Judge every choice's texts; the flagging verdict of each flagged choice."""
+def _judge_completion(chat: ChatRequest, choices: list[dict[str, Any]]) -> dict[int, tuple[StreamKey, Any]]:
+    """Judge every choice's texts; (stream, verdict) that flagged each flagged choice."""
     streams = chat.streams
     for choice in choices:
-        if not isinstance(choice, dict):
-            continue
         index, message = choice.get("index", 0), choice.get("message") or {}
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(message, dict):
+            raise _BadChunk("a choice without an integer 'index' and an object 'message'")
         key = StreamKey(index)
-        content = _text_content(message.get("content")) or ""
-        reasoning = message.get("reasoning") or message.get("reasoning_content") or ""
+        try:
+            content = _text_content(message.get("content"), strict=False)
+        except GatewayError:
+            content = None
+        refusal = message.get("refusal") or ""
+        if content is None or not isinstance(refusal, str):
+            raise _BadChunk("a message whose content or refusal is not text")
+        reasoning = _reasoning_text(message)
         ids = choice.get("token_ids")
         state = chat.choice(index)
         state.mode = "text"
@@ -810,16 +1031,14 @@ def _judge_completion(chat: ChatRequest, choices: list) -> dict[int, Any]:
             if reasoning:
                 streams.push(key, reasoning, reasoning=True)
             streams.push(key, content)
-        for position, call in enumerate(message.get("tool_calls") or ()):
-            arguments = ((call or {}).get("function") or {}).get("arguments") or ""
-            streams.push(StreamKey(index, position), arguments if isinstance(arguments, str) else json.dumps(arguments))
-        legacy = (message.get("function_call") or {}).get("arguments") or ""
-        if legacy:
-            streams.push(StreamKey(index, "function_call"), legacy)
+        if refusal:
+            streams.push(StreamKey(index, "refusal"), refusal)
+        for tool_key, arguments in _tool_arguments(index, message, positions=True):
+            streams.push(tool_key, arguments)
     streams.finish_all()
-    flagged: dict[int, Any] = {}
+    flagged: dict[int, tuple[StreamKey, Any]] = {}
     for key in streams.flagged:
-        flagged.setdefault(key.choice, streams.flag(key))
+        flagged.setdefault(key.choice, (key, streams.flag(key)))
     return flagged
 
 
@@ -846,6 +1065,12 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
         return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and wrong methods, in the OpenAI error shape clients parse.
+        return GatewayError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                            type="invalid_request_error", headers=dict(error.headers or {})).response()  # fmt: skip
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -892,16 +1117,20 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
                 if not config.fail_open:
                     raise _guard_failure(gateway, chat, error) from error
                 chat.failed_open = True
-            response = await gateway.send(chat, request)
+            response = await _within_limits(gateway, chat, request, gateway.send(chat, request))
             cleanup.response = response
-            if response.status_code != 200:
-                body = await response.aread()
-                gateway.metrics.upstream_errors.labels(f"status_{response.status_code}").inc()
+            status = response.status_code
+            if response.is_redirect or 300 <= status < 400:
+                # Never hand a client a way around the guard (an SDK follows redirects).
+                raise gateway.upstream_error("redirect", f"the upstream answered HTTP {status} (a redirect)")
+            if not response.is_success:
+                body = await _read_completion(gateway, chat, response, request)
+                gateway.metrics.upstream_errors.labels(f"status_{status}").inc()
                 gateway.metrics.requests.labels("upstream_error").inc()
                 return _passthrough(response, body)
-            if not chat.stream:
-                await response.aread()
-                return await _completion(gateway, chat, response)
+            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+            if not chat.stream or not streamed:
+                return await _completion(gateway, chat, await _read_completion(gateway, chat, response, request))
             relay = _Relay(gateway, chat, response)
             stream = StreamingResponse(
                 relay.events(cleanup), media_type="text/event-stream", background=BackgroundTask(cleanup.run),
@@ -957,5 +1186,6 @@ class _Cleanup:
 
 
 def _passthrough(upstream: httpx.Response, body: bytes) -> Response:
-    headers = {name: value for name, value in upstream.headers.items() if name.lower() not in _HOP_HEADERS}
+    headers = {name: value for name, value in upstream.headers.items()
+               if name.lower() not in _HOP_HEADERS and name.lower() not in ("location", "set-cookie")}  # fmt: skip
     return Response(body, status_code=upstream.status_code, headers=headers)
