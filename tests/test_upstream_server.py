@@ -270,3 +270,12 @@ def test_start_is_fast_and_stop_is_bounded_with_streams_in_flight(server):
     reader.join(5)
     assert not reader.is_alive()
     assert upstream.completions[-1]["ended"] == "shutdown" and upstream.active == 0 and upstream.aborted == 0
+
+
+def test_benchmark_fields_stamp_chunks_and_skip_the_forward(server):
+    # benchmarks/gateway.py measures per-chunk latency from these stamps.
+    lines = raw_stream(server, test_script="One two three four.", test_timestamps=True, test_skip_forward=True)
+    stamped = [chunk["sent_at"] for chunk in chunks(lines) if "sent_at" in chunk]
+    assert len(stamped) >= 5 and stamped == sorted(stamped)
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks(lines) if chunk["choices"])
+    assert text == "One two three four."

@@ -48,6 +48,15 @@ picks the token through the logits, like ``tiny_generator.Scripted``):
     and closes);
     ``"delay_ms": x`` sleeps before every token; ``"ping": true`` writes
     ``: ping`` comment lines between chunks.
+``test_timestamps``: true
+    every streamed ``chat.completion.chunk`` carries ``"sent_at"``, the
+    server's ``time.monotonic()`` taken right before the chunk is written
+    (system-wide on Linux, so a client or a gateway in another process can
+    compare it with its own clock; the gateway benchmark does).
+``test_skip_forward``: true
+    a scripted answer's tokens are taken from the script without running the
+    model (a nearly free upstream, so that a benchmark of what sits in front
+    of it is not bound by this CPU generator); ignored without a script.
 
 Any of test_script/test_scripts/test_reasoning/test_tool_call makes the whole
 answer scripted (the parts not given are empty). Without a script the model
@@ -247,6 +256,7 @@ class _Choice:
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + index)
         self.detok = {kind: _Detokenizer() for kind in ("reasoning", "content", "arguments")}
         scripted = any(key in request for key in ("test_script", "test_scripts", "test_reasoning", "test_tool_call"))
+        self.skip_forward = scripted and bool(request.get("test_skip_forward"))
         self.forced: list[int] | None = None
         self.kinds: list[str] = []
         if scripted:
@@ -265,8 +275,11 @@ class _Choice:
                 self.kinds += [kind] * len(ids)
 
     # Runs in a worker thread: one real forward, then the script (or the
-    # model) picks the token.
+    # model) picks the token (test_skip_forward: the script alone).
     def step(self) -> int:
+        if self.skip_forward:
+            position = len(self.ids)
+            return self.forced[position] if position < len(self.forced) else EOT
         with torch.inference_mode():
             inputs = torch.tensor([self.pending], dtype=torch.long)
             logits = self.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{_CACHE_ARGUMENT: self.cache})
@@ -695,12 +708,15 @@ class UpstreamServer:
         with_ids = bool(body.get("return_token_ids"))
         merged = (body.get("test_finish") or self.finish) == "merged"
         ping = bool(fail.get("ping"))
+        stamp = bool(body.get("test_timestamps"))
         drop_after, error_after = fail.get("drop_after"), fail.get("error_event_after")
         head = {"id": record["id"], "object": "chat.completion.chunk", "created": record["created"]}
         head["model"] = self.model_name
         sent = 0  # token chunks so far
 
         async def emit(payload: Any) -> None:
+            if stamp and isinstance(payload, dict) and payload.get("object") == "chat.completion.chunk":
+                payload = {**payload, "sent_at": time.monotonic()}
             data = _sse(payload)
             if ping:
                 data += b": ping\n\n"
