@@ -793,6 +793,10 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--ray", action="store_true", help="run the gateway on Ray Serve (needs crossguard[ray])")
     serve.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     serve.add_argument("--num-gpus", type=float, default=0.0, metavar="X", help="GPUs per replica (with --ray)")
+    serve.add_argument("--max-replicas", type=_positive_int, default=None, metavar="N",
+                       help="autoscale from 1 to N replicas on ongoing requests instead of --replicas (with --ray)")
+    serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="the Ray cluster to join (with --ray; default: RAY_ADDRESS, else a local cluster)")
     serve.set_defaults(run=_serve)
 
 
@@ -828,9 +832,14 @@ def _serve(args: argparse.Namespace) -> int:
             guard = tiny_guard(folder, unsafe_text=" dynamite", device=args.device, unsafe_prompt_text=" dynamite")
         config = gateway_config(args, folder if args.tiny else args.guard)
         if args.ray:
-            from integrations.ray_serve import run_on_ray
+            try:
+                from integrations.ray_serve import run_on_ray
 
-            return run_on_ray(config, host=args.host, port=args.port, replicas=args.replicas, num_gpus=args.num_gpus)
+                autoscaling = {"max_replicas": args.max_replicas} if args.max_replicas else None
+                return run_on_ray(config, host=args.host, port=args.port, address=args.ray_address,
+                                  replicas=args.replicas, num_gpus=args.num_gpus, autoscaling=autoscaling)  # fmt: skip
+            except ImportError as error:
+                raise SetupError(str(error)) from error
         if guard is None:
             guard = load_guard(args, folder)
         uvicorn.run(create_app(config, guard=guard), host=args.host, port=args.port, log_level="info")

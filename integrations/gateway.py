@@ -120,7 +120,10 @@ class GatewayConfig:
     upstream_read_timeout_s: float = 120.0
     device: str | None = None
     max_batch_tokens: int = 1024
-    max_wait_ms: float = 2.0
+    # Longer than the engine's default: many streams each send a token, and
+    # gathering them into one forward is what the gateway's throughput rests on
+    # (a lone stream never waits: it is the whole batch).
+    max_wait_ms: float = 5.0
     kv_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -337,6 +340,11 @@ class Gateway:
     @property
     def generator(self) -> Any:
         return self._generator
+
+    @property
+    def ready(self) -> bool:
+        """Whether the guard engine is running (what /health and Ray Serve's health check report)."""
+        return self.engine is not None and not self.engine.closed
 
     # --- helpers ------------------------------------------------------------
 
@@ -1074,8 +1082,7 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        engine = gateway.engine
-        ready = engine is not None and not engine.closed
+        engine, ready = gateway.engine, gateway.ready
         body = {"status": "ok" if ready else "unavailable", "streams_open": gateway._open,
                 "guard_sessions": engine.session_count if engine is not None else 0}  # fmt: skip
         return JSONResponse(body, status_code=200 if ready else 503)
