@@ -15,13 +15,25 @@ waiting session, packed together:
   per session against that session's own ``GrowableCacheLayer`` (its cached
   keys and values plus its new ones, causal within the new ones), with
   transformers' own Qwen3 modules and weights for everything else;
+* a decode segment (one id, the common case) needs no mask, and its query
+  heads are regrouped by key/value head, so the attention kernel reads the
+  cache as it is instead of repeating it for every query head;
 * a long prompt is cut into ``prefill_chunk`` tokens per step, so other
-  sessions' decode tokens go into the same steps instead of waiting behind it.
+  sessions' decode tokens go into the same steps instead of waiting behind it;
+* the response heads run once per step over every appended token, not once
+  per session;
+* after a step the worker waits for the sessions it served to come back
+  (they do so one after another, as their callers take their verdicts), so
+  that N streams make one step of N tokens, not a large and a small one.
 
 ``EngineSession`` is a ``GuardSession`` whose ``_forward`` goes through the
 engine, so the template, verdict arithmetic, debounce, rollback, end of turn,
 context-limit policy, atomic steps and per-session lock are GuardSession's
 own, and its verdicts equal a plain session's (tested).
+
+Monitoring: ``steps`` and ``tokens`` count forwards and tokens, and
+``add_step_listener(callback)`` reports every forward's tokens, sessions and
+duration.
 
 Reliability: a forward that raises fails the calls in that batch (each gets
 ``EngineStepError`` with the cause, and its session stays as it was before the
@@ -37,6 +49,7 @@ worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -50,7 +63,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
-from guard.model import _attention_backends
+from guard.model import GuardLogits, _attention_backends
 from guard.policy import Policy, Verdict
 from guard.session import GuardSession
 from guard.template import Prompt
@@ -58,7 +71,13 @@ from guard.template import Prompt
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
 
-__all__ = ["EngineSession", "GuardEngine"]
+__all__ = ["EngineSession", "GuardEngine", "StepListener"]
+
+logger = logging.getLogger(__name__)
+
+#: ``callback(tokens, sessions, seconds)``: after each batched forward, the
+#: tokens it judged, the sessions they belong to and its duration in seconds.
+StepListener = Callable[[int, int, float], object]
 
 # How often a waiting caller checks that the worker is still alive: a bug
 # that killed the worker must not leave callers waiting forever.
@@ -82,6 +101,12 @@ class _CallToken:
 _current_call = threading.local()
 
 
+def _mark_pool_thread() -> None:
+    """The engine's call threads serve any session's next call: which thread
+    made a call says nothing about which session it will call for next."""
+    _current_call.pool = True
+
+
 def _run_with_token(token: _CallToken, method: Callable[..., Any], args: tuple) -> Any:
     _current_call.token = token
     try:
@@ -93,20 +118,55 @@ def _run_with_token(token: _CallToken, method: Callable[..., Any], args: tuple) 
 class _Request:
     """One session's ids waiting for (or inside) the batched forward."""
 
-    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "hidden", "ids", "in_flight", "session",
-                 "token")  # fmt: skip
+    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "heads", "hidden", "ids", "in_flight",
+                 "logits", "session", "thread", "token")  # fmt: skip
 
-    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None) -> None:
+    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None, heads: bool) -> None:
         self.session = session
         self.ids = ids
         self.token = token
+        self.heads = heads  # the caller wants the response heads' logits of every id (an append)
+        # The caller's thread, blocked in this call until it completes (None on a pool thread).
+        self.thread = None if getattr(_current_call, "pool", False) else threading.get_ident()
         self.consumed = 0  # ids already through the model (chunked prefill)
         self.hidden: list[torch.Tensor] = []
+        self.logits: list[GuardLogits] = []
         self.in_flight = False  # inside the forward that runs now: its cache is being written
         self.cancel_error: BaseException | None = None  # cancelled while in flight: fail it after the step
         self.error: BaseException | None = None  # raised as it is (closed, cancelled)
         self.failure: BaseException | None = None  # the forward raised: raised as EngineStepError from it
         self.done = threading.Event()
+
+
+class _EngineModel:
+    """The guard's model as an engine session sees it: the same module, except
+    that the response heads of the ids the session just appended were already
+    run by the worker, batched with every other session's of that step (one
+    read of the head weights per step instead of one per session)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self.judged: tuple[torch.Tensor, GuardLogits] | None = None  # (hidden returned by _forward, its logits)
+
+    def response_logits(self, hidden: torch.Tensor) -> GuardLogits:
+        judged, self.judged = self.judged, None
+        if judged is not None and judged[0] is hidden:
+            return judged[1]
+        return self._model.response_logits(hidden)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class _EngineGuard:
+    """The ``StreamGuard`` as an engine session's own code sees it (see ``_EngineModel``)."""
+
+    def __init__(self, guard: StreamGuard) -> None:
+        self._guard = guard
+        self.model = _EngineModel(guard.model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._guard, name)
 
 
 class EngineSession(GuardSession):
@@ -116,14 +176,21 @@ class EngineSession(GuardSession):
     with the other sessions' by the engine's worker. The ``*_async`` methods
     run the call on the engine's pool of call threads and await it, so they
     never block the event loop; cancelling one drops its queued ids (or, if
-    they are inside the forward running now, undoes them once it ends): a
-    cancelled call never takes effect.
+    they are inside the forward running now, undoes them once it ends). A
+    call whose forward had already ended when it was cancelled (or a
+    ``rollback_async`` already running) still completes, in its thread: a
+    cancelled call takes effect whole or not at all (``position`` tells which).
     """
 
     def __init__(self, engine: GuardEngine, policy: Policy | None = None) -> None:
         super().__init__(engine.guard, policy)
+        self._guard = _EngineGuard(engine.guard)
         self._engine = engine
         self._closing = False
+
+    @property
+    def guard(self) -> StreamGuard:
+        return self._engine.guard
 
     @property
     def engine(self) -> GuardEngine:
@@ -134,9 +201,12 @@ class EngineSession(GuardSession):
         # cancels the request, _step rewinds every cache layer (the worker may
         # have written some chunks or some layers) and the position.
         with self._step():
-            request = self._engine._submit(self, list(ids))
-            hidden = self._engine._wait(request)
+            # After the prompt, every forward is judged by the response heads
+            # (GuardSession._judge, cancel_reasoning): the worker runs them.
+            request = self._engine._submit(self, list(ids), heads=self._response_start is not None)
+            hidden, logits = self._engine._wait(request)
             self._position += len(ids)
+        self._guard.model.judged = None if logits is None else (hidden, logits)
         return hidden
 
     def close(self) -> None:
@@ -186,9 +256,13 @@ class GuardEngine:
     ``max_batch_tokens``: tokens per forward, all sessions together.
     ``prefill_chunk``: tokens one session contributes per step (a long prompt
     or a big append is cut into chunks of this size, round robin with the
-    others). ``max_wait_ms``: after a step, how long the worker may wait for
-    the sessions it just served to come back with their next ids before it
-    runs a smaller batch (a lone stream never waits: it is the whole batch).
+    others). ``max_wait_ms``: after a step, the worker waits for the sessions
+    it just served to come back with their next ids, and runs as soon as they
+    all have (a lone stream never waits: it is the whole batch, and a thread
+    now calling for another session is not waited for); it runs the batch it
+    has once none of them arrived for ``max_wait_ms`` (or a quarter of the
+    last forward's duration, if longer), and never waits longer in all than
+    the last forward took.
     ``max_sessions``: open sessions at once. ``kv_budget_bytes``: the KV
     cache of all sessions together, counted as positions held (and queued)
     × ``guard.kv_bytes_per_token()``; ``None`` for no budget.
@@ -239,13 +313,23 @@ class GuardEngine:
         # Weak: a session dropped without close() gives its slot back when collected.
         self._sessions: weakref.WeakSet[EngineSession] = weakref.WeakSet()
         self._closed = False
-        self._last_batch = 0
+        # Batching: the sessions of the last step that have not come back yet,
+        # each with the thread that made its call (weak: a session dropped
+        # without close() is not waited for), when the last call arrived, and
+        # when the last forward ended and how long it took.
+        self._awaited: weakref.WeakKeyDictionary[EngineSession, int] = weakref.WeakKeyDictionary()
+        self._last_arrival = 0.0
+        self._last_step_s = 0.0
+        self._step_end = 0.0
+        self._step_listeners: tuple[StepListener, ...] = ()
         #: Forwards run and tokens judged since the start (for monitoring and tests).
         self.steps = 0
         self.tokens = 0
         # Threads for the *_async methods: a waiting call parks one; calls of
         # one session serialize on its lock, so max_sessions threads suffice.
-        self._executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="guard-engine-call")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_sessions, thread_name_prefix="guard-engine-call", initializer=_mark_pool_thread
+        )
         self._worker = threading.Thread(target=self._run, name="guard-engine", daemon=True)
         self._worker.start()
 
@@ -280,6 +364,27 @@ class GuardEngine:
         held and queued × bytes per token."""
         with self._condition:
             return self._kv_tokens() * self._kv_bytes_per_token
+
+    def add_step_listener(self, callback: StepListener) -> None:
+        """Call ``callback(tokens, sessions, seconds)`` from the worker after
+        each batched forward (one that raised too), before the calls it served
+        return: the tokens it ran, the sessions they belong to, and its
+        duration in seconds (for a step latency histogram, say). Keep it quick:
+        those calls and the next step wait for it. An exception it raises is
+        logged (``logging.getLogger("guard.engine")``) and ignored."""
+        if not callable(callback):
+            raise TypeError(f"a step listener must be callable, got {callback!r}")
+        with self._condition:
+            self._step_listeners = (*self._step_listeners, callback)
+
+    def remove_step_listener(self, callback: StepListener) -> None:
+        """Stop calling ``callback`` (added by ``add_step_listener``); a callback
+        that is not registered is ignored."""
+        with self._condition:
+            listeners = list(self._step_listeners)
+            if callback in listeners:
+                listeners.remove(callback)
+            self._step_listeners = tuple(listeners)
 
     def session(self, policy: Policy | None = None) -> EngineSession:
         """A new conversation served by this engine; refused with
@@ -348,7 +453,7 @@ class GuardEngine:
             "back long ones, retry when others have finished, or make the engine with a larger kv_budget_bytes"
         )
 
-    def _submit(self, session: EngineSession, ids: list[int]) -> _Request:
+    def _submit(self, session: EngineSession, ids: list[int], heads: bool = False) -> _Request:
         token = getattr(_current_call, "token", None)
         with self._condition:
             self._check_open()
@@ -360,12 +465,26 @@ class GuardEngine:
                 needed = (self._kv_tokens() + len(ids)) * self._kv_bytes_per_token
                 if needed > self.kv_budget_bytes:
                     raise EngineCapacityError(self._budget_message(f"judging {len(ids)} more tokens needs room"))
-            request = _Request(session, ids, token)
+            request = _Request(session, ids, token, heads)
+            idle = not self._queue
             self._queue.append(request)
-            self._condition.notify_all()
+            self._last_arrival = time.monotonic()
+            awaited = self._awaited.pop(session, None) is not None
+            if not awaited and self._awaited and request.thread is not None:
+                # A thread that calls for this session cannot come back for
+                # another one until this call returns (one thread driving
+                # several sessions in turn): do not wait for those.
+                me = request.thread
+                for other in [other for other, thread in self._awaited.items() if thread == me]:
+                    del self._awaited[other]
+            # Wake the worker unless it is waiting for other sessions of the
+            # last step to come back (it wakes itself when they are late).
+            if idle or not awaited or not self._awaited:
+                self._condition.notify_all()
             return request
 
-    def _wait(self, request: _Request) -> torch.Tensor:
+    def _wait(self, request: _Request) -> tuple[torch.Tensor, GuardLogits | None]:
+        """The request's hidden states, and its response logits if it asked for them."""
         while not request.done.wait(_LIVENESS_POLL_S):
             if not self._worker.is_alive():
                 with self._condition:
@@ -380,7 +499,13 @@ class GuardEngine:
                 f"the guard's batched forward failed ({type(request.failure).__name__}: {request.failure}); "
                 "nothing was appended to this session: retry the call, or close the session"
             ) from request.failure
-        return request.hidden[0] if len(request.hidden) == 1 else torch.cat(request.hidden)
+        if len(request.hidden) == 1:
+            return request.hidden[0], (request.logits[0] if request.heads else None)
+        hidden = torch.cat(request.hidden)
+        if not request.heads:
+            return hidden, None
+        risk = torch.cat([logits.risk_level for logits in request.logits])
+        return hidden, GuardLogits(risk, torch.cat([logits.category for logits in request.logits]))
 
     def _cancel(self, matches: Callable[[_Request], bool], error: Callable[[], BaseException]) -> None:
         """Fail the matching requests: at once if queued; after the running
@@ -396,6 +521,8 @@ class GuardEngine:
     def _release(self, session: EngineSession) -> None:
         with self._condition:
             self._sessions.discard(session)
+            if self._awaited.pop(session, None) is not None:  # the worker must not wait for it
+                self._condition.notify_all()
 
     async def _call_async(self, method: Callable[..., Any], *args: Any) -> Any:
         self._check_open()
@@ -444,25 +571,38 @@ class GuardEngine:
             raise
 
     def _next_batch(self) -> list[tuple[_Request, int]] | None:
-        """Wait for work; return (request, token count) pairs for one step."""
+        """Wait for work; return (request, token count) pairs for one step.
+
+        Continuous batching: the sessions just served usually come straight
+        back with their next ids, one after another as their callers finish
+        with the verdicts. The worker runs as soon as all of them are back (a
+        lone stream at once), or a batch's worth of tokens waits; otherwise it
+        waits for the next of them while they keep arriving less than
+        ``max_wait_ms`` (or a quarter of the last forward) apart, never longer
+        in all than the last forward took: waiting at most doubles a step's
+        latency, and makes one full step instead of a full and a tiny one."""
         with self._condition:
-            deadline = None
+            cap = self._step_end + max(self.max_wait_s, self._last_step_s)
+            gap = max(self.max_wait_s, self._last_step_s / 4)
             while True:
                 if self._closed:
                     return None
-                if self._queue:
-                    now = time.monotonic()
-                    deadline = deadline if deadline is not None else now + self.max_wait_s
-                    waiting = sum(min(len(r.ids) - r.consumed, self.prefill_chunk) for r in self._queue)
-                    # Continuous batching: the sessions just served usually come
-                    # straight back with their next token; waiting (briefly) for
-                    # them makes one full step instead of a full and a tiny one.
-                    if len(self._queue) >= self._last_batch or waiting >= self.max_batch_tokens or now >= deadline:
-                        break
-                    self._condition.wait(deadline - now)
-                else:
-                    deadline = None
+                if not self._queue:
                     self._condition.wait()
+                    continue
+                if not self._awaited:
+                    break
+                now = time.monotonic()
+                # The sessions of the last step only start back when it ends.
+                deadline = min(cap, max(self._last_arrival, self._step_end) + gap)
+                if now >= deadline:
+                    break
+                waiting = 0
+                for request in self._queue:
+                    waiting += min(len(request.ids) - request.consumed, self.prefill_chunk)
+                if waiting >= self.max_batch_tokens:
+                    break
+                self._condition.wait(deadline - now)
             batch, budget = [], self.max_batch_tokens
             while self._queue and budget > 0:
                 request = self._queue.popleft()
@@ -471,7 +611,7 @@ class GuardEngine:
                 batch.append((request, count))
                 budget -= count
             self._in_flight = [request for request, _ in batch]
-            self._last_batch = len(batch)
+            self._awaited = weakref.WeakKeyDictionary()
             return batch
 
     def _run_step(self, batch: list[tuple[_Request, int]]) -> None:
@@ -480,15 +620,27 @@ class GuardEngine:
             start = request.session._cache.layers[0].get_seq_length()
             segments.append((request, start, len(ids), count))
             ids += request.ids[request.consumed : request.consumed + count]
+        started = time.perf_counter()
         try:
             hidden = self._forward(segments, ids)
+            logits = self._heads(segments, hidden)
             failure = None
         except Exception as error:  # fail this batch's calls; their sessions undo the step themselves
-            hidden, failure = None, error
+            hidden, logits, failure = None, None, error
+        seconds = time.perf_counter() - started
+        # Before the calls return: once a call has returned, its step was reported.
+        for listener in self._step_listeners:
+            try:
+                listener(len(ids), len(segments), seconds)
+            except Exception:
+                logger.exception("a GuardEngine step listener raised; ignored")
         with self._condition:
             self._in_flight = []
             self.steps += 1
             self.tokens += len(ids)
+            self._last_step_s = seconds
+            self._step_end = time.monotonic()
+            awaited = self._awaited
             for request, _start, offset, count in segments:
                 if request.done.is_set():
                     continue
@@ -499,52 +651,94 @@ class GuardEngine:
                     self._complete(request)
                 else:
                     request.hidden.append(hidden[offset : offset + count])
+                    if request.heads:
+                        request.logits.append(logits[offset])
                     request.consumed += count
                     if request.consumed == len(request.ids):
                         self._complete(request)
+                        if not request.session._closing:
+                            awaited[request.session] = request.thread  # its caller will likely be back soon
                     else:  # the rest of a long prompt: back of the queue, round robin
                         request.in_flight = False
                         self._queue.append(request)
 
     @torch.inference_mode()
+    def _heads(self, segments: list[tuple[_Request, int, int, int]], hidden: torch.Tensor) -> dict[int, GuardLogits]:
+        """The response heads' logits of the segments that asked for them, by
+        offset, from one batched call over their rows (prompt chunks need none)."""
+        wanted = [(offset, count) for request, _start, offset, count in segments if request.heads]
+        if not wanted:
+            return {}
+        if sum(count for _offset, count in wanted) == len(hidden):
+            rows, starts = hidden, [offset for offset, _count in wanted]
+        else:
+            rows = torch.cat([hidden[offset : offset + count] for offset, count in wanted])
+            starts = [0]
+            for _offset, count in wanted[:-1]:
+                starts.append(starts[-1] + count)
+        logits = self._guard.model.response_logits(rows)
+        return {
+            offset: GuardLogits(logits.risk_level[start : start + count], logits.category[start : start + count])
+            for (offset, count), start in zip(wanted, starts, strict=True)
+        }
+
+    @torch.inference_mode()
     def _forward(self, segments: list[tuple[_Request, int, int, int]], ids: list[int]) -> torch.Tensor:
         """Final normed hidden states ``[T, hidden]`` of the packed ``ids``;
-        appends each segment's keys and values to its session's cache."""
+        appends each segment's keys and values to its session's cache.
+
+        The projections, norms, rotary embedding and MLP run once over the
+        packed row (transformers' own modules); attention runs per segment
+        against its session's cache. A decode segment (one id, the common
+        case) needs no mask, and its query heads are regrouped by key/value
+        head (``[kv_heads, heads_per_kv, head_dim]``), so that the kernel reads
+        the cache as it is instead of repeating it for every query head."""
         backbone = self._guard.model.model
         device = self._guard.device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        position_ids = torch.cat(
-            [torch.arange(start, start + count, device=device) for _request, start, _offset, count in segments]
-        ).unsqueeze(0)
         total = len(ids)
-        masks = [
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        positions: list[int] = []
+        plan = []
+        for request, start, offset, count in segments:
+            positions.extend(range(start, start + count))
             # The new tokens see the whole cache and, causally, each other.
-            None if count == 1 else torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
-            for _request, start, _offset, count in segments
-        ]
+            mask = None if count == 1 else torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
+            plan.append((request.session._cache.layers, offset, count, mask))
+        position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        config = self._guard.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         with _attention_backends(device):
             hidden = backbone.embed_tokens(input_ids)
             cos, sin = backbone.rotary_emb(hidden, position_ids)
-            for index, layer in enumerate(backbone.layers[: self._guard.config.num_hidden_layers]):
+            for index, layer in enumerate(backbone.layers[: config.num_hidden_layers]):
                 attention = layer.self_attn
-                head_dim = attention.head_dim
+                head_dim, scale = attention.head_dim, attention.scaling
+                decode_shape = (1, kv_heads, heads // kv_heads, head_dim)
                 residual = hidden
                 normed = layer.input_layernorm(hidden)
-                shape = (1, total, -1, head_dim)
-                query = attention.q_norm(attention.q_proj(normed).view(shape)).transpose(1, 2)
-                key = attention.k_norm(attention.k_proj(normed).view(shape)).transpose(1, 2)
-                value = attention.v_proj(normed).view(shape).transpose(1, 2)
-                query, key = apply_rotary_pos_emb(query, key, cos, sin)
+                # [1, T, heads, head_dim]: one token's heads are contiguous.
+                query = attention.q_norm(attention.q_proj(normed).view(1, total, heads, head_dim))
+                key = attention.k_norm(attention.k_proj(normed).view(1, total, kv_heads, head_dim))
+                value = attention.v_proj(normed).view(1, total, kv_heads, head_dim)
+                query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
+                key, value = key.transpose(1, 2), value.transpose(1, 2)  # [1, kv_heads, T, head_dim]
                 outputs = []
-                for (request, _start, offset, count), mask in zip(segments, masks, strict=True):
-                    rows = slice(offset, offset + count)
-                    keys, values = request.session._cache.layers[index].update(key[:, :, rows], value[:, :, rows])
-                    outputs.append(
-                        scaled_dot_product_attention(
-                            query[:, :, rows], keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
+                for layers, offset, count, mask in plan:
+                    end = offset + count
+                    keys, values = layers[index].update(key[:, :, offset:end], value[:, :, offset:end])
+                    if count == 1:
+                        attended = scaled_dot_product_attention(
+                            query[0, offset].reshape(decode_shape), keys, values, scale=scale
                         )
-                    )
-                attended = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, total, -1)
-                hidden = residual + attention.o_proj(attended)
+                        # reshape, not view: CUDA kernels may return another memory layout.
+                        outputs.append(attended.reshape(1, -1))
+                    else:
+                        chunk = query[:, offset:end].transpose(1, 2)
+                        attended = scaled_dot_product_attention(
+                            chunk, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+                        )
+                        outputs.append(attended[0].transpose(0, 1).reshape(count, -1))
+                attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+                hidden = residual + attention.o_proj(attended.unsqueeze(0))
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             return backbone.norm(hidden)[0]

@@ -239,6 +239,45 @@ def test_long_prompt_is_chunked_and_decodes_are_served_meanwhile(tiny_guard):
     assert_same([query], [tiny_guard.session().moderate_prompt(long_prompt)])
 
 
+def test_a_lone_stream_never_waits_and_streams_coming_back_share_steps(tiny_guard):
+    # A long max_wait_ms: any wait for nobody would show.
+    with GuardEngine(tiny_guard, max_wait_ms=3000) as engine:
+        alone, other = engine.session(), engine.session()
+        started = time.monotonic()
+        alone.moderate_prompt("alone")
+        for token_id in range(10):
+            alone.append(100 + token_id)
+        # One thread driving two sessions in turn: neither waits for the other.
+        other.moderate_prompt("in turn")
+        for token_id in range(10):
+            (alone if token_id % 2 else other).append(100 + token_id)
+        assert time.monotonic() - started < 1.5
+
+    rounds, count = 8, 6
+    with GuardEngine(tiny_guard, max_wait_ms=300) as engine:
+        sessions = [engine.session() for _ in range(count)]
+        for session in sessions:
+            session.moderate_prompt("together")
+        barrier = threading.Barrier(count)
+
+        def stream(session):
+            barrier.wait()
+            said = [session.append(100 + token_id) for token_id in range(rounds)]
+            session.close()  # done: the worker must not wait for it
+            return said
+
+        steps = engine.steps
+        with ThreadPoolExecutor(count) as pool:
+            said = [future.result(TIMEOUT) for future in [pool.submit(stream, s) for s in sessions]]
+        # Each caller comes back after its verdicts, one after another: the
+        # worker waits for them, so the rounds share steps (a few to line up).
+        assert engine.steps - steps <= rounds + 3
+    plain = tiny_guard.session()
+    plain.moderate_prompt("together")
+    for ours, token_id in zip(said[0], range(100, 100 + rounds), strict=True):
+        assert_same(ours, plain.append(token_id))
+
+
 def test_rollback_while_others_are_queued(tiny_guard, engine, hold):
     other = engine.session()
     other.moderate_prompt("queued")
@@ -387,6 +426,49 @@ def test_engine_close_fails_pending_calls_and_stops_the_worker(tiny_guard, hold)
         assert queued.position == queued.response_start  # unchanged by the failed calls
     finally:
         engine.close()  # no-op when the test got that far; frees the worker when it did not
+
+
+# --- monitoring -----------------------------------------------------------------------------
+
+
+def test_step_listeners_see_every_forward_and_a_failing_one_harms_nothing(tiny_guard, engine, hold, caplog):
+    steps = []
+    failures = []
+
+    def failing(tokens, sessions, seconds):
+        failures.append(tokens)
+        raise RuntimeError("a broken metrics exporter")
+
+    def record(tokens, sessions, seconds):
+        steps.append((tokens, sessions, seconds))
+
+    engine.add_step_listener(failing)
+    engine.add_step_listener(record)
+    with pytest.raises(TypeError, match="callable"):
+        engine.add_step_listener("not a function")
+    a, b = engine.session(), engine.session()
+    a.moderate_prompt("one")
+    b.moderate_prompt("two")
+    # Reported before the call returns: the books are complete at once.
+    assert len(steps) == engine.steps and sum(tokens for tokens, _, _ in steps) == engine.tokens
+    assert all(seconds > 0 for _, _, seconds in steps)
+    assert "step listener raised" in caplog.text and len(failures) == len(steps)
+
+    release, _ = hold(engine)  # one step (the blocker's) runs; a's and b's appends queue behind it
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(a.append, [1, 2, 3]), pool.submit(b.append, [4])]
+        poll(lambda: engine.pending == 2, "both appends queued")
+        engine.remove_step_listener(failing)
+        engine.remove_step_listener(failing)  # not registered any more: ignored
+        release()
+        for future in futures:
+            future.result(TIMEOUT)
+    assert steps[-1][:2] == (4, 2)  # a's 3 ids and b's 1, one forward
+    assert len(failures) == len(steps) - 2  # removed before the last two steps
+    assert len(steps) == engine.steps and engine._worker.is_alive()
+    engine.remove_step_listener(record)
+    a.append([5])
+    assert len(steps) == engine.steps - 1
 
 
 # --- limits -------------------------------------------------------------------------------
