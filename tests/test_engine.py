@@ -566,3 +566,24 @@ def test_a_cancelled_async_push_loses_no_verdict(tiny_guard):
         return [(p.index, p.text) for p in await asyncio.wait_for(adapter.finish_async(), timeout=60)]
 
     assert asyncio.run(main()) == expected
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_matches_a_cpu_session(tiny_checkpoint):
+    # CUDA attention kernels may hand back other memory layouts than the CPU's.
+    cpu = StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+    cuda = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", dtype="float32")
+    ids = [random.Random(3).randrange(ORDINARY) for _ in range(40)]
+    with GuardEngine(cuda, max_batch_tokens=32, prefill_chunk=8) as engine:
+        sessions = [engine.session() for _ in range(3)]
+        plain = cpu.session()
+        expected = [plain.moderate_prompt("How do I remove a stump?")]
+        expected += [verdict for token in ids for verdict in plain.append(token)]
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(
+                lambda s: [s.moderate_prompt("How do I remove a stump?")] + [v for t in ids for v in s.append(t)],
+                sessions,
+            ))  # fmt: skip
+    for verdicts in results:
+        assert [v.risk_level for v in verdicts] == [v.risk_level for v in expected]
+        assert max(abs(a.risk_prob - b.risk_prob) for a, b in zip(verdicts, expected, strict=True)) <= 1e-3
