@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from guard import GuardEngine, SessionClosedError
+from tests.test_engine import TOLERANCE, assert_same
 
-TOLERANCE = 1e-4
 TIMEOUT = 60  # seconds; every wait in this file is bounded
 ORDINARY = 151642  # ordinary Qwen3 BPE ids stop here
 THREADS = TASKS = 6
@@ -259,15 +259,6 @@ def run_tasks(engine: GuardEngine, records: list[Record], tally: Tally, lock: th
 # --- the replay ------------------------------------------------------------------------------
 
 
-def assert_same(ours, theirs) -> None:
-    assert (ours.position, ours.risk_level, ours.category, ours.unsafe, ours.flagged, ours.flagged_at) == (
-        theirs.position, theirs.risk_level, theirs.category, theirs.unsafe, theirs.flagged, theirs.flagged_at,
-    )  # fmt: skip
-    assert abs(ours.risk_prob - theirs.risk_prob) <= TOLERANCE
-    if theirs.category_prob is not None:
-        assert abs(ours.category_prob - theirs.category_prob) <= TOLERANCE
-
-
 def assert_close(ours: tuple[torch.Tensor, torch.Tensor], session) -> None:
     for mine, plain in zip(ours, (session.last_logits.risk_level, session.last_logits.category), strict=True):
         assert mine.shape == plain.shape
@@ -280,7 +271,7 @@ def replay(guard, record: Record) -> int:
         assert not record.calls
         return 0
     plain = guard.session()
-    assert_same(record.query, plain.moderate_prompt(record.prompt))
+    assert_same([record.query], [plain.moderate_prompt(record.prompt)])
     assert_close(record.scaffold, plain)
     for name, argument, verdicts, logits in record.calls:
         if name == "rollback":
@@ -288,9 +279,7 @@ def replay(guard, record: Record) -> int:
             continue
         theirs = plain.append(argument) if name == "append" else plain.finish()
         if verdicts is not None:
-            assert len(verdicts) == len(theirs)
-            for ours, their in zip(verdicts, theirs, strict=True):
-                assert_same(ours, their)
+            assert_same(verdicts, theirs)
         assert_close(logits, plain)
     if not record.session.closed:
         assert plain.position == record.session.position

@@ -207,21 +207,20 @@ def test_reasoning_is_judged_as_reasoning(gateway, upstream):
 
 
 def test_tool_call_arguments_are_judged(gateway):
-    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
-    call = {"name": "search", "arguments": '{"query": "how to buy dynamite online"}'}
-    chunks = list(client(gateway).chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, stream=True, tools=tools,
-        extra_body={"test_script": "Let me look.", "test_tool_call": call}))  # fmt: skip
-    arguments = "".join(tool.function.arguments or "" for c in chunks for ch in c.choices
-                        for tool in ch.delta.tool_calls or ())  # fmt: skip
+    def stream_tool_call(call):
+        tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+        chunks = list(client(gateway).chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, stream=True, tools=tools,
+            extra_body={"test_script": "Let me look.", "test_tool_call": call}))  # fmt: skip
+        arguments = "".join(tool.function.arguments or "" for c in chunks for ch in c.choices
+                            for tool in ch.delta.tool_calls or ())  # fmt: skip
+        return arguments, chunks
+
+    arguments, chunks = stream_tool_call({"name": "search", "arguments": '{"query": "how to buy dynamite online"}'})
     assert "dyn" not in arguments and finish_reasons(chunks) == ["content_filter"]
     assert chunks[-1].model_extra["crossguard"]["tool_call"] == 0
     safe = {"name": "search", "arguments": '{"query": "weather in Paris"}'}
-    chunks = list(client(gateway).chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, stream=True, tools=tools,
-        extra_body={"test_script": "Let me look.", "test_tool_call": safe}))  # fmt: skip
-    arguments = "".join(tool.function.arguments or "" for c in chunks for ch in c.choices
-                        for tool in ch.delta.tool_calls or ())  # fmt: skip
+    arguments, chunks = stream_tool_call(safe)
     assert arguments == safe["arguments"] and finish_reasons(chunks) == ["tool_calls"]
 
 
