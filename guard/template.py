@@ -67,7 +67,10 @@ class Conversation:
     """Guard input ids for a prompt, up to where the response begins."""
 
     ids: list[int]
-    query_position: int  # the <|im_end|> that closes the last user turn (or tool results)
+    # The <|im_end|> that closes the last user turn (tool results are a user
+    # turn too), where upstream's evaluation reads the query verdict, even
+    # when system turns come after it; the last turn's without a user turn.
+    query_position: int
 
     @property
     def response_start(self) -> int:
@@ -195,8 +198,11 @@ def _is_tool_response(message: Mapping[str, Any]) -> bool:
 def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
     """The rendered template as ``(is_control_token, text)`` segments, up to the
     start of the response, and the index of the segment that is the query's
-    ``<|im_end|>``. Adjacent text segments are merged: the tokenizer sees the
-    text between two control tokens as one piece."""
+    ``<|im_end|>``: the one closing the last user turn, as upstream's
+    evaluation finds it (the last ``<|im_start|>user``, then the next
+    ``<|im_end|>``), or the last turn's when there is no user turn. Adjacent
+    text segments are merged: the tokenizer sees the text between two control
+    tokens as one piece."""
     messages = _messages(prompt)
     segments: list[tuple[bool, str]] = []
 
@@ -220,14 +226,16 @@ def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
         ),
         last,
     )
-    query_segment = -1
+    query_segment = last_turn_end = -1
     for index, message in enumerate(messages):
         role = message["role"]
         if role in ("system", "user"):
             control(IM_START)
             text(f"{role}\n{_content(message)}")
             control(IM_END)
-            query_segment = len(segments) - 1
+            last_turn_end = len(segments) - 1
+            if role == "user":
+                query_segment = last_turn_end
             text("\n")
         elif role == "assistant":
             content, reasoning = _split_reasoning(message)
@@ -248,6 +256,7 @@ def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
                 text('\n{"name": "' + name + '", "arguments": ' + arguments + "}\n")
                 control(END_TOOL_CALL)
             control(IM_END)
+            last_turn_end = len(segments) - 1
             text("\n")
         else:  # tool: results go inside <tool_response> in a user turn
             if index == 0 or messages[index - 1]["role"] != "tool":
@@ -259,7 +268,7 @@ def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
             control(END_TOOL_RESPONSE)
             if index == last or messages[index + 1]["role"] != "tool":
                 control(IM_END)
-                query_segment = len(segments) - 1
+                query_segment = last_turn_end = len(segments) - 1
                 text("\n")
     # The generation prompt with thinking disabled (the leading "\n" above
     # closes the last turn).
@@ -269,7 +278,7 @@ def render_segments(prompt: Prompt) -> tuple[list[tuple[bool, str]], int]:
     text("\n\n")
     control(END_THINK)
     text("\n\n")
-    return segments, query_segment
+    return segments, query_segment if query_segment >= 0 else last_turn_end
 
 
 def encode_conversation(tokenizer: Any, prompt: Prompt) -> Conversation:

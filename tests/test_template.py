@@ -65,14 +65,25 @@ def assert_matches(real_template, qwen_tokenizer, messages):
     expected = qwen_tokenizer.encode(rendered, add_special_tokens=False).ids
     conversation = encode_conversation(qwen_tokenizer, messages)
     assert conversation.ids == expected, (rendered, qwen_tokenizer.decode(conversation.ids, skip_special_tokens=False))
-    # The query verdict is read at the <|im_end|> that closes the last turn
-    # before the generation prompt.
-    im_end = qwen_tokenizer.token_to_id("<|im_end|>")
-    scaffold = rendered.rindex("<|im_start|>assistant")
-    closing = len(qwen_tokenizer.encode(rendered[:scaffold], add_special_tokens=False).ids) - 2
-    assert expected[closing] == im_end
-    assert conversation.query_position == closing
+    # The query verdict is read where upstream's evaluation reads it: at the
+    # <|im_end|> that closes the last user turn (a system turn after it
+    # changes nothing); with no user turn at all, the last turn's.
+    assert conversation.query_position == upstream_query_position(qwen_tokenizer, expected)
+    assert expected[conversation.query_position] == qwen_tokenizer.token_to_id("<|im_end|>")
     return rendered
+
+
+def upstream_query_position(qwen_tokenizer, ids: list[int]) -> int:
+    """Upstream's procedure (``eval/eval_stream.py``): the last
+    ``<|im_start|>`` ``user`` pair, then the first ``<|im_end|>`` after it.
+    Upstream has no rule for a conversation without a user turn (its search
+    raises); crossguard then takes the <|im_end|> before the generation prompt."""
+    im_start, im_end = qwen_tokenizer.token_to_id("<|im_start|>"), qwen_tokenizer.token_to_id("<|im_end|>")
+    user = qwen_tokenizer.token_to_id("user")
+    starts = [i for i in range(len(ids) - 1) if ids[i : i + 2] == [im_start, user]]
+    if not starts:
+        return max(i for i, token in enumerate(ids) if token == im_end)
+    return next(i for i in range(starts[-1] + 2, len(ids)) if ids[i] == im_end)
 
 
 CALL = {"type": "function", "function": {"name": "search", "arguments": {"query": "stump grinder hire", "n": 3}}}
@@ -131,6 +142,17 @@ SHAPES = {
         {"role": "user", "content": "Hi"},
         {"role": "system", "content": "Now answer in French."},
         {"role": "user", "content": "How are you?"},
+    ],
+    "a system message last": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How do I remove a stump?"},
+        {"role": "system", "content": "Answer in French."},
+    ],
+    "a system message after tool results": [
+        {"role": "user", "content": "Find a grinder"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "Hire Co"},
+        {"role": "system", "content": "Cite the tool."},
     ],
     "newlines at the edges of content": [
         {"role": "user", "content": "\n\nleading and trailing\n"},
