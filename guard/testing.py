@@ -5,6 +5,10 @@ what a real checkpoint folder holds (config.json with the real field names
 and label maps, safetensors, the real Qwen3 tokenizer files), only small and
 random; ``StreamGuard.from_pretrained`` then loads it through the same code as
 a real one. Verdicts of a random checkpoint are meaningless.
+
+``tiny_guard`` is the one tiny guard that ``crossguard demo``, ``moderate
+--tiny``, ``serve --tiny`` and the README's offline examples share: Safe on
+ordinary text, Unsafe on `` dynamite``, and meaningless otherwise.
 """
 
 from __future__ import annotations
@@ -12,13 +16,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["LABEL_MAPS", "write_tiny_checkpoint"]
+if TYPE_CHECKING:
+    from guard.stream_guard import StreamGuard
+
+__all__ = ["LABEL_MAPS", "TINY_GUARD_WARNING", "TINY_UNSAFE_TEXT", "tiny_guard", "write_tiny_checkpoint",
+           "write_tiny_guard"]  # fmt: skip
+
+#: The text the tiny guard calls Unsafe: in an answer (its two Qwen3 tokens,
+#: `` dynam`` and ``ite``, one after the other flag it) and in a prompt (the
+#: query head refuses any prompt holding the token `` dynam``).
+TINY_UNSAFE_TEXT = " dynamite"
+TINY_GUARD_WARNING = (
+    "DEMO GUARD: a tiny randomly initialised Qwen3Guard-Stream checkpoint, wired so that ' dynamite' is Unsafe "
+    "and other text Safe. Its verdicts are MEANINGLESS; only the pipeline (tokenizers, re-tokenization, "
+    "KV-cached guard, verdict mapping) is real."
+)
 
 LABEL_MAPS = {
     "response_risk_level_map": {"0": "Safe", "1": "Unsafe", "2": "Controversial"},
@@ -267,3 +287,46 @@ def write_tiny_checkpoint(
         if (tokenizer_folder / name).is_file():
             shutil.copy(tokenizer_folder / name, folder / name)
     return folder
+
+
+def write_tiny_guard(folder: str | os.PathLike[str], *, tokenizer_json: str | os.PathLike[str]) -> Path:
+    """Write the tiny demo guard's checkpoint (see ``tiny_guard``) into
+    ``folder``; return the folder."""
+    from tokenizers import Tokenizer
+
+    from guard.template import encode_plain_text
+
+    unsafe = encode_plain_text(Tokenizer.from_file(str(tokenizer_json)), TINY_UNSAFE_TEXT)
+    # The prompt wiring takes the word's first token only: its second ("ite")
+    # ends ordinary words too ("Granite", "termite"), which would make the
+    # query head refuse harmless prompts.
+    return write_tiny_checkpoint(
+        folder, tokenizer_json=tokenizer_json, unsafe_token_ids=unsafe, unsafe_prompt_token_ids=unsafe[:1]
+    )
+
+
+def tiny_guard(
+    tokenizer_json: str | os.PathLike[str],
+    folder: str | os.PathLike[str] | None = None,
+    *,
+    device: str | None = None,
+) -> StreamGuard:
+    """The tiny demo guard, loaded: a random 2-layer Qwen3Guard-Stream in the
+    real on-disk layout, wired so that answers saying " dynamite" are flagged
+    (its two tokens are Unsafe, every other token Safe) and prompts saying it
+    are Unsafe (every other prompt Safe). Its verdicts are MEANINGLESS: it
+    shows the pipeline, not what the real guard judges.
+
+    ``tokenizer_json``: the Qwen3 tokenizer.json (offline:
+    ``adapter.bundled_tokenizers.qwen3_tokenizer_path()``). ``folder``: where
+    the checkpoint is written (kept, e.g. for processes that load it again);
+    by default a temporary folder, removed once the guard is loaded.
+    ``device`` defaults to the CPU (its matrices are too small for a GPU to help).
+    """
+    from guard.stream_guard import StreamGuard
+
+    with tempfile.TemporaryDirectory(prefix="crossguard-tiny-guard-", ignore_cleanup_errors=True) as temporary:
+        written = write_tiny_guard(temporary if folder is None else folder, tokenizer_json=tokenizer_json)
+        guard = StreamGuard.from_pretrained(written, device=device or "cpu")
+    guard.source = "tiny demo guard (MEANINGLESS verdicts)"
+    return guard
