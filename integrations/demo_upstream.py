@@ -1,7 +1,11 @@
-"""A real OpenAI-compatible upstream for the gateway tests: uvicorn on
-127.0.0.1 serving chat completions that a tiny real transformers generator
-(a 2-layer ``LlamaForCausalLM`` with random weights and the Llama 3
-vocabulary) produces token by token, with a KV cache, one forward per token.
+"""An offline OpenAI-compatible LLM server: uvicorn on 127.0.0.1 serving chat
+completions that a tiny real transformers generator (a 2-layer
+``LlamaForCausalLM`` with random weights and the real Llama 3 vocabulary,
+model name ``tiny-llama3``) produces token by token, with a KV cache, one
+forward per token. ``crossguard serve --demo-upstream`` puts the gateway in
+front of it, so the gateway can be tried with nothing downloaded; the tests
+and benchmarks use it as the upstream. Needs the ``gateway`` extra (uvicorn,
+Starlette) and the bundled tokenizers.
 
 It speaks vLLM's dialect of the OpenAI API (see the gateway notes): SSE
 ``chat.completion.chunk`` lines, a role chunk first, incremental
@@ -14,7 +18,8 @@ with ``choices: []`` under ``stream_options.include_usage``, then
 
 A random model says random things, so requests script it with extension
 fields (every one optional; the model still runs every step and the script
-picks the token through the logits, like ``tiny_generator.Scripted``):
+picks the token through the logits), and ``UpstreamServer(answers=...)``
+scripts the requests that carry none (``demo_answer`` for the demo):
 
 ``test_script``: "text"
     the content, exactly these Llama 3 tokens, then ``<|eot_id|>``.
@@ -59,8 +64,8 @@ picks the token through the logits, like ``tiny_generator.Scripted``):
     of it is not bound by this CPU generator); ignored without a script.
 
 Any of test_script/test_scripts/test_reasoning/test_tool_call makes the whole
-answer scripted (the parts not given are empty). Without a script the model
-generates freely (greedy, or sampled when
+answer scripted (the parts not given are empty). Without a script (and
+without ``answers``) the model generates freely (greedy, or sampled when
 ``temperature > 0``, seeded by ``seed``) until a stop token or max_tokens.
 
 Observability: ``server.requests`` (method, path, headers, body),
@@ -81,6 +86,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
@@ -104,6 +110,7 @@ __all__ = [
     "START_HEADER",
     "STOP_IDS",
     "UpstreamServer",
+    "demo_answer",
     "llama3_tokenizer",
     "render_llama3_chat",
     "tiny_llama3",
@@ -113,6 +120,7 @@ MODEL_NAME = "tiny-llama3"
 BOS, END_OF_TEXT, START_HEADER, END_HEADER, EOT = 128000, 128001, 128006, 128007, 128009
 STOP_IDS = frozenset({END_OF_TEXT, EOT})
 
+_SCRIPT_FIELDS = frozenset({"test_script", "test_scripts", "test_reasoning", "test_tool_call"})
 _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 _build_lock = threading.Lock()
 
@@ -138,6 +146,25 @@ def tiny_llama3() -> LlamaForCausalLM:
     """The tiny random Llama with the Llama 3 vocabulary (built once, seed 0)."""
     with _build_lock:
         return _tiny_llama3()
+
+
+#: What the demo upstream answers (``demo_answer``): a question about stumps
+#: gets an answer the tiny demo guard cuts at " dynamite"; any other question,
+#: an answer that says what this server is.
+DEMO_STUMP_ANSWER = (
+    "Dig around the stump, cut the roots and lever it out, or rent a stump grinder. Never use dynamite: "
+    "it is dangerous and illegal in most gardens."
+)
+DEMO_OTHER_ANSWER = (
+    "I am tiny-llama3, a random 2-layer Llama scripted for the crossguard demo. Ask me how to remove a stump "
+    "to watch the guard cut an answer."
+)
+
+
+def demo_answer(messages: list[dict]) -> str:
+    """The demo's scripted answer to a conversation (see ``DEMO_STUMP_ANSWER``)."""
+    last = _message_text(messages[-1]) if messages and isinstance(messages[-1], dict) else ""
+    return DEMO_STUMP_ANSWER if "stump" in last.lower() else DEMO_OTHER_ANSWER
 
 
 def _encode(text: str) -> list[int]:
@@ -255,7 +282,7 @@ class _Choice:
         seed = request.get("seed")
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + index)
         self.detok = {kind: _Detokenizer() for kind in ("reasoning", "content", "arguments")}
-        scripted = any(key in request for key in ("test_script", "test_scripts", "test_reasoning", "test_tool_call"))
+        scripted = bool(_SCRIPT_FIELDS & request.keys())
         self.skip_forward = scripted and bool(request.get("test_skip_forward"))
         self.forced: list[int] | None = None
         self.kinds: list[str] = []
@@ -391,6 +418,9 @@ class UpstreamServer:
     prompt + max_tokens beyond it is a 400. ``finish``: the default
     ``test_finish`` ("separate" or "merged"). ``workers``: threads running
     forwards (requests run concurrently, each with its own cache).
+    ``answers``: scripts a request that carries no ``test_*`` script
+    (``answers(messages)`` is its content, e.g. ``demo_answer``); without
+    it such a request is generated freely.
     """
 
     def __init__(
@@ -404,8 +434,9 @@ class UpstreamServer:
         workers: int = 4,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        answers: Callable[[list[dict]], str] | None = None,
     ) -> None:
-        self.api_key, self.model_name, self.finish = api_key, model_name, finish
+        self.api_key, self.model_name, self.finish, self.answers = api_key, model_name, finish, answers
         self.default_max_tokens, self.max_model_len = default_max_tokens, max_model_len
         self.workers, self.startup_timeout, self.stop_timeout = workers, startup_timeout, stop_timeout
         self.host, self.port = "127.0.0.1", 0
@@ -630,6 +661,8 @@ class UpstreamServer:
         n = int(body.get("n") or 1)
         if not 1 <= n <= 16:
             raise _ApiError(400, "n must be between 1 and 16", param="n")
+        if self.answers is not None and not _SCRIPT_FIELDS & body.keys():
+            body = {**body, "test_script": self.answers(messages)}
         scripts = body.get("test_scripts")
         if scripts is not None and len(scripts) != n:
             raise _ApiError(400, f"test_scripts has {len(scripts)} scripts for n={n}", param="test_scripts")
