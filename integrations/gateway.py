@@ -65,8 +65,10 @@ try:
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as error:  # pragma: no cover - exercised only without the extra
+    from integrations.extras import install_hint
+
     raise ImportError(
-        f"the gateway needs the 'gateway' extra ({error.name} is missing): pip install 'crossguard[gateway]'"
+        f"the gateway needs the 'gateway' extra ({error.name} is missing): {install_hint('gateway')}"
     ) from error
 
 __all__ = ["DEFAULT_REFUSAL", "GatewayConfig", "create_app"]

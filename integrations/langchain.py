@@ -55,7 +55,9 @@ try:
     from langchain_core.runnables import Runnable
     from pydantic import ConfigDict
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the LangChain integration needs langchain-core: pip install 'crossguard[langchain]'") from error
+    from integrations.extras import install_hint
+
+    raise ImportError(f"the LangChain integration needs langchain-core: {install_hint('langchain')}") from error
 
 from adapter import JudgedPiece
 from integrations.streams import GuardStreams, StreamKey, first_flagged

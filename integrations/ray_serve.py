@@ -1,6 +1,6 @@
 """The moderating gateway on Ray Serve: many replicas, one GuardEngine each.
 
-Needs the ``ray`` extra (``pip install 'crossguard[ray]'``). Every replica
+Needs the ``ray`` extra (``pip install -e '.[ray]'`` in a checkout). Every replica
 builds the very app ``crossguard serve`` runs,
 ``integrations.gateway.create_app(config)``; its lifespan loads the guard and
 starts the replica's ``GuardEngine`` when Serve starts the replica, and stops
@@ -78,9 +78,10 @@ def _serve() -> Any:
     try:
         from ray import serve
     except ImportError as error:
+        from integrations.extras import install_hint
+
         raise ImportError(
-            f"the gateway on Ray Serve needs the 'ray' extra ({error.name or 'ray'} is missing): "
-            "pip install 'crossguard[ray]'"
+            f"the gateway on Ray Serve needs the 'ray' extra ({error.name or 'ray'} is missing): {install_hint('ray')}"
         ) from error
     return serve
 
