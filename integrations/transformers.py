@@ -799,12 +799,13 @@ class GuardStoppingCriteria(StoppingCriteria):
 
 @dataclass
 class GuardedGeneration:
-    """What ``guarded_generate`` produced."""
+    """What ``guarded_generate`` produced. Its repr leaves out the ids and the
+    judged pieces (one verdict per generator token: tens of kB to print)."""
 
     text: str
-    ids: list[int]
+    ids: list[int] = field(repr=False)
     query_verdict: Any
-    pieces: list[JudgedPiece] = field(default_factory=list)
+    pieces: list[JudgedPiece] = field(default_factory=list, repr=False)
     attempts: int = 1
     flagged: bool = False  # still flagged after the last retry: the text stops before the flagged part
 
