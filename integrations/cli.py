@@ -4,11 +4,15 @@ crossguard demo                              # the whole pipeline on a tiny rand
 crossguard moderate chats.jsonl --generator llama3 [--guard PATH | --tiny] [--json]
 crossguard bridge "some text" --generator mistral-v3
 crossguard serve --upstream http://127.0.0.1:8000/v1 --generator llama3   # the moderating gateway
+crossguard serve --tiny --demo-upstream      # the gateway in front of a tiny offline LLM server
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -24,10 +28,6 @@ __all__ = ["main"]
 # The same as guard.stream_guard.DEFAULT_GUARD (a test checks), spelled out so
 # that building the parser (--help, bridge) does not import torch.
 DEFAULT_GUARD = "Qwen/Qwen3Guard-Stream-0.6B"
-TINY_WARNING = (
-    "DEMO GUARD: a tiny randomly initialised Qwen3Guard-Stream checkpoint. Its verdicts are MEANINGLESS; "
-    "only the pipeline (tokenizers, re-tokenization, KV-cached guard, verdict mapping) is real."
-)
 DEMO_CONVERSATIONS = [
     {
         "prompt": "How do I clear tree stumps from my garden?",
@@ -35,8 +35,8 @@ DEMO_CONVERSATIONS = [
         "Digging is safest: expose the roots, cut them, then lever the stump out.",
     },
     {"prompt": "Say hello in three languages.", "response": "Hello! Bonjour ! こんにちは 👋 <|im_end|> is just text."},
+    {"prompt": "Where can I buy dynamite?", "response": "I can't help with buying explosives."},
 ]
-DEMO_UNSAFE_TEXT = " dynamite"
 _COLOURS = {"Safe": "\x1b[32m", "Controversial": "\x1b[33m", "Unsafe": "\x1b[31m"}
 _RESET, _INVERSE = "\x1b[0m", "\x1b[7m"
 PROGRESS_MIN_TOKENS = 500  # smaller inputs finish before a bar is worth drawing
@@ -114,30 +114,23 @@ def check_device(device: str | None) -> None:
         raise SetupError(f"--device {device}: {_one_line(error)}") from error
 
 
-def tiny_guard(folder: str, unsafe_text: str | None = None, device: str | None = None, *,
-               unsafe_prompt_text: str | None = None) -> Any:  # fmt: skip
-    """A tiny random guard; ``unsafe_text`` is Unsafe in answers, and with
-    ``unsafe_prompt_text`` the query head refuses exactly the prompts holding
-    it (else its verdicts on prompts are random)."""
-    from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
-    from adapter.retokenize import encode_ordinary
-    from guard import StreamGuard
-    from guard.testing import write_tiny_checkpoint
+def load_tiny_guard(folder: str, device: str | None = None, *, notice: TextIO | None = None) -> Any:
+    """The one tiny demo guard that demo, moderate --tiny and serve --tiny
+    share (``guard.testing.tiny_guard``: " dynamite" is Unsafe in answers and
+    prompts, other text Safe), written into ``folder``; says on ``notice``
+    (standard error by default) that its verdicts are meaningless."""
+    from adapter.bundled_tokenizers import qwen3_tokenizer_path
+    from guard.testing import TINY_GUARD_WARNING, tiny_guard
 
-    unsafe = encode_ordinary(qwen3_tokenizer(), unsafe_text) if unsafe_text else ()
-    prompt = encode_ordinary(qwen3_tokenizer(), unsafe_prompt_text) if unsafe_prompt_text else None
-    write_tiny_checkpoint(
-        folder, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe, unsafe_prompt_token_ids=prompt
-    )
-    return StreamGuard.from_pretrained(folder, device=device or "cpu")
+    print(TINY_GUARD_WARNING, file=notice or sys.stderr)
+    return tiny_guard(qwen3_tokenizer_path(), folder, device=device)
 
 
 def load_guard(args: argparse.Namespace, folder: str) -> Any:
     from guard import GuardError, StreamGuard
 
     if args.tiny:
-        print(TINY_WARNING, file=sys.stderr)
-        return tiny_guard(folder, device=args.device)
+        return load_tiny_guard(folder, device=args.device)
     try:
         return StreamGuard.from_pretrained(args.guard, device=args.device)
     except (GuardError, OSError) as error:
@@ -492,7 +485,8 @@ def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.N
     finally:
         if progress is not None:
             progress.close()
-    summary = f"{len(jobs)} lines: {judged} judged, {flagged} flagged, {len(failed)} failed"
+    lines = f"{len(jobs)} line{'' if len(jobs) == 1 else 's'}"
+    summary = f"{lines}: {judged} judged, {flagged} flagged, {len(failed)} failed"
     if failed:
         shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
         summary += f" (line{'s' if len(failed) > 1 else ''} {shown})"
@@ -554,9 +548,6 @@ def _moderate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print(TINY_WARNING)
-    print(f"(The demo guard is wired so that the Qwen3 tokens of {DEMO_UNSAFE_TEXT!r} are 'Unsafe', "
-          f"so you can watch a response get flagged mid-sentence.)\n")  # fmt: skip
     generator = load_generator_tokenizer(args.generator)
     import torch
 
@@ -564,7 +555,9 @@ def _demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            guard = tiny_guard(folder, DEMO_UNSAFE_TEXT)
+            guard = load_tiny_guard(folder, notice=sys.stdout)
+            print("(Watch an answer get flagged mid-sentence at ' dynamite', and a prompt that says it judged "
+                  "Unsafe.)\n")  # fmt: skip
             jobs = read_jobs([json.dumps(record) for record in DEMO_CONVERSATIONS], generator)
             args.json, args.no_progress, args.fail_fast, args.concurrency = False, True, False, 1
             return run_moderation(guard, generator, jobs, args)
@@ -626,7 +619,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     wrapped by ``_paragraphs``, so that examples keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        # A flag (--json, --no-tool-calls) has a default only in the sense of
+        # being off: "(default: True)" on a store_false flag misleads.
+        flag = action.nargs == 0
+        if flag or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -664,12 +660,22 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, generator: str) -> No
                         "variable is set")  # fmt: skip
 
 
+def installed_version() -> str:
+    """The version of the installed crossguard distribution."""
+    try:
+        return importlib.metadata.version("crossguard")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run pip install -e . in the checkout)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossguard", description="Moderate non-Qwen chat models with Qwen3Guard-Stream, token by token.",
         epilog=__doc__.split("\n\n", 1)[1].strip() + "\n\n" + _paragraphs(EXIT_STATUS),
         formatter_class=_HelpFormatter,
     )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}",
+                        help="print crossguard's version and exit")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,moderate,bridge,serve}")
 
     demo = commands.add_parser(
@@ -679,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     _add_policy_arguments(demo, generator="mistral-v3")
-    demo.set_defaults(run=_demo, context_limit="error")
+    demo.set_defaults(run=_demo, context_limit="error", command_parser=demo)
 
     moderate = commands.add_parser(
         "moderate", help="moderate recorded conversations (JSONL)",
@@ -724,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no progress bar (default: one on long inputs, only when standard error is a "
                           "terminal)")  # fmt: skip
     _add_policy_arguments(moderate, generator="llama3")
-    moderate.set_defaults(run=_moderate)
+    moderate.set_defaults(run=_moderate, command_parser=moderate)
 
     bridge = commands.add_parser(
         "bridge", help="show how a generator's tokens become stable Qwen3 ids",
@@ -736,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("--generator", default="llama3", metavar="NAME_OR_PATH",
                         help="the chat model's tokenizer (a bundled name or a path, as for moderate)")  # fmt: skip
     bridge.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    bridge.set_defaults(run=_bridge)
+    bridge.set_defaults(run=_bridge, command_parser=bridge)
     _add_serve_parser(commands)
     return parser
 
@@ -753,9 +759,15 @@ def _add_serve_parser(commands: Any) -> None:
         ),
         formatter_class=_HelpFormatter,
     )  # fmt: skip
-    serve.add_argument("--upstream", required=True, metavar="URL",
-                       help="the LLM server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), "
-                       "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)")  # fmt: skip
+    upstream = serve.add_mutually_exclusive_group(required=True)
+    upstream.add_argument("--upstream", metavar="URL",
+                          help="the LLM server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), "
+                          "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)")  # fmt: skip
+    upstream.add_argument("--demo-upstream", action="store_true",
+                          help="instead of --upstream, serve in front of a tiny offline LLM server started in this "
+                          "process: model tiny-llama3, a random 2-layer Llama with the Llama 3 vocabulary whose "
+                          "answers are scripted (a question about stumps gets one that says ' dynamite'); implies "
+                          "--generator llama3 --token-ids request")  # fmt: skip
     serve.add_argument("--generator", default=None, metavar="NAME_OR_PATH",
                        help="the chat model's tokenizer (a bundled name or a path, as for moderate), to judge "
                        "token ids when the upstream sends them; without it, text deltas are judged")  # fmt: skip
@@ -791,13 +803,16 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="longest a request may take, stream included")  # fmt: skip
     serve.add_argument("--ray", action="store_true", help="run the gateway on Ray Serve (needs crossguard[ray])")
-    serve.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
-    serve.add_argument("--num-gpus", type=float, default=0.0, metavar="X", help="GPUs per replica (with --ray)")
+    # None by default, so that giving one without --ray is noticed (a usage error).
+    serve.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                       help="Ray Serve replicas (with --ray; default 1)")  # fmt: skip
+    serve.add_argument("--num-gpus", type=float, default=None, metavar="X",
+                       help="GPUs per replica (with --ray; default 0)")  # fmt: skip
     serve.add_argument("--max-replicas", type=_positive_int, default=None, metavar="N",
                        help="autoscale from 1 to N replicas on ongoing requests instead of --replicas (with --ray)")
     serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
                        help="the Ray cluster to join (with --ray; default: RAY_ADDRESS, else a local cluster)")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, command_parser=serve)
 
 
 def gateway_config(args: argparse.Namespace, guard: str) -> Any:
@@ -816,20 +831,29 @@ def gateway_config(args: argparse.Namespace, guard: str) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from integrations.extras import install_hint
+
     try:
         import uvicorn
 
         from integrations.gateway import create_app
     except ImportError as error:
-        raise SetupError(f"{error} (pip install 'crossguard[gateway]')") from error
+        raise SetupError(f"{error} ({install_hint('gateway')})") from error
+    if args.ray and importlib.util.find_spec("ray") is None:  # said before minutes of loading, not after
+        raise SetupError(f"--ray needs Ray Serve, which is not installed: {install_hint('ray')}")
     check_device(args.device)
+    if args.demo_upstream:
+        args.generator = args.generator or "llama3"
+        args.token_ids = "request" if args.token_ids == "use" else args.token_ids
     if args.generator is not None:
         load_generator_tokenizer(args.generator)  # a wrong name fails here, before the server starts
-    with tempfile.TemporaryDirectory(prefix="crossguard-tiny-guard-") as folder:
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="crossguard-tiny-guard-"))
+        if args.demo_upstream:
+            args.upstream = _demo_upstream(stack)
         guard = None
         if args.tiny:
-            print(TINY_WARNING, file=sys.stderr)
-            guard = tiny_guard(folder, unsafe_text=" dynamite", device=args.device, unsafe_prompt_text=" dynamite")
+            guard = load_tiny_guard(folder, device=args.device)
         config = gateway_config(args, folder if args.tiny else args.guard)
         if args.ray:
             try:
@@ -837,13 +861,25 @@ def _serve(args: argparse.Namespace) -> int:
 
                 autoscaling = {"max_replicas": args.max_replicas} if args.max_replicas else None
                 return run_on_ray(config, host=args.host, port=args.port, address=args.ray_address,
-                                  replicas=args.replicas, num_gpus=args.num_gpus, autoscaling=autoscaling)  # fmt: skip
+                                  replicas=args.replicas or 1, num_gpus=args.num_gpus or 0.0,
+                                  autoscaling=autoscaling)  # fmt: skip
             except ImportError as error:
                 raise SetupError(str(error)) from error
         if guard is None:
             guard = load_guard(args, folder)
         uvicorn.run(create_app(config, guard=guard), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _demo_upstream(stack: contextlib.ExitStack) -> str:
+    """Start the tiny offline LLM server of --demo-upstream (stopped with
+    ``stack``); its base URL."""
+    from integrations.demo_upstream import MODEL_NAME, UpstreamServer, demo_answer
+
+    server = stack.enter_context(UpstreamServer(answers=demo_answer))
+    print(f"demo upstream: model {MODEL_NAME!r} (a random 2-layer Llama, Llama 3 vocabulary, scripted answers) at "
+          f"{server.url}", file=sys.stderr)  # fmt: skip
+    return server.url
 
 
 def _silence_stdout() -> None:
@@ -856,9 +892,25 @@ def _silence_stdout() -> None:
         pass  # not a real file (captured in-process): nothing will flush into a pipe
 
 
+RAY_OPTIONS = ("replicas", "num_gpus", "max_replicas", "ray_address")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command's arguments; a usage error exits with status 2 and the
+    usage of the subcommand it concerns (not the top-level usage)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve" and not args.ray:
+        given = [f"--{name.replace('_', '-')}" for name in RAY_OPTIONS if getattr(args, name) is not None]
+        if given:
+            args.command_parser.error(f"{', '.join(given)} only work{'s' if len(given) == 1 else ''} with --ray")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
