@@ -428,3 +428,77 @@ def test_concurrency_judges_lines_side_by_side_on_the_engine_with_the_same_outpu
     assert one_by_one[0] == side_by_side[0] == 1  # the bad line still fails the run
     assert side_by_side[1] == one_by_one[1]  # same rows, same (input) order
     assert len({row["line"] for row in side_by_side[1]}) == len(good) + len(extra) + 1
+
+
+# --- arguments: the small things a newcomer trips on (issue 20) -------------------------
+
+
+def test_version_is_the_package_version():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for command in (["-m", "crossguard"], ["-m", "integrations.cli"]):
+        result = subprocess.run([sys.executable, *command, "--version"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.strip() == f"crossguard {version}", result
+    import crossguard
+
+    assert crossguard.__version__ == version
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+
+
+def test_flags_show_no_default_value(capsys):
+    """--no-tool-calls said "(default: True)": a flag is off unless given."""
+    for name, command in subcommands().items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: True)" not in text and "(default: False)" not in text, name
+        flags = [action for action in command._actions if action.nargs == 0 and action.option_strings]
+        assert flags, name
+    assert "--no-tool-calls do not judge tool-call arguments (they are judged by default)" in " ".join(
+        subcommands()["serve"].format_help().split()
+    )
+
+
+@pytest.mark.parametrize("name", ["demo", "moderate", "bridge", "serve"])
+def test_an_unknown_option_prints_the_subcommands_usage(name, capsys):
+    argv = {"moderate": ["moderate", "chats.jsonl"], "serve": ["serve", "--tiny", "--demo-upstream"]}.get(name, [name])
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--bogus"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: crossguard {name} ") and err.strip().endswith("unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize(
+    "option", [["--replicas", "2"], ["--num-gpus", "1"], ["--max-replicas", "4"], ["--ray-address", "auto"]]
+)
+def test_ray_options_without_ray_are_a_usage_error(option, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--upstream", "http://127.0.0.1:1/v1", *option])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: crossguard serve ") and f"{option[0]} only works with --ray" in err
+
+
+def test_ray_not_installed_is_said_before_any_guard_loads(monkeypatch, capsys):
+    from guard import StreamGuard
+
+    def never(*args, **kwargs):
+        raise AssertionError("the guard was loaded before --ray was checked")
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray gives
+    monkeypatch.setattr(StreamGuard, "from_pretrained", never)
+    assert main(["serve", "--ray", "--tiny", "--upstream", "http://127.0.0.1:1/v1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crossguard: --ray needs Ray Serve") and "pip install -e '.[ray]'" in err
+
+
+def test_the_summary_counts_one_line_in_the_singular(tmp_path, capsys, short_guard):
+    records = write_lines(tmp_path / "one.jsonl", {1: json.dumps({"prompt": "hi", "response": "Hello"}).encode()})
+    assert main(["moderate", str(records), "--guard", str(short_guard), "--json"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "1 line: 1 judged, 0 flagged, 0 failed"
