@@ -1,0 +1,7 @@
+"""``python -m crossguard``: the ``crossguard`` command."""
+
+import sys
+
+from integrations.cli import main
+
+sys.exit(main())
