@@ -69,6 +69,7 @@ _HOMES = {
     "create_app": "integrations.gateway",
     "build_deployment": "integrations.ray_serve",
     "UpstreamServer": "integrations.demo_upstream",
+    "tiny_chat_model": "integrations.demo_upstream",
     "main": "integrations.cli",
 }
 
@@ -114,6 +115,7 @@ __all__ = [
     "main",
     "qwen3_tokenizer",
     "qwen3_tokenizer_path",
+    "tiny_chat_model",
     "tiny_guard",
     "write_tiny_checkpoint",
 ]
@@ -159,7 +161,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     )
     from guard.testing import tiny_guard, write_tiny_checkpoint
     from integrations.cli import main
-    from integrations.demo_upstream import UpstreamServer
+    from integrations.demo_upstream import UpstreamServer, tiny_chat_model
     from integrations.gateway import GatewayConfig, create_app
     from integrations.langchain import (
         AsyncGuardCallbackHandler,

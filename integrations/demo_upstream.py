@@ -113,6 +113,7 @@ __all__ = [
     "demo_answer",
     "llama3_tokenizer",
     "render_llama3_chat",
+    "tiny_chat_model",
     "tiny_llama3",
 ]
 
@@ -165,6 +166,29 @@ def demo_answer(messages: list[dict]) -> str:
     """The demo's scripted answer to a conversation (see ``DEMO_STUMP_ANSWER``)."""
     last = _message_text(messages[-1]) if messages and isinstance(messages[-1], dict) else ""
     return DEMO_STUMP_ANSWER if "stump" in last.lower() else DEMO_OTHER_ANSWER
+
+
+#: The Llama 3 instruct chat template (what ``render_llama3_chat`` renders).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def tiny_chat_model() -> tuple[LlamaForCausalLM, Any]:
+    """(model, tokenizer) of the demo's tiny Llama 3 for transformers: the
+    random model (it says random things) and a transformers fast tokenizer of
+    the real Llama 3 vocabulary with its chat template; an offline stand-in
+    for ``AutoModelForCausalLM`` and ``AutoTokenizer`` of a real checkpoint."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(llama3_tokenizer().to_str()), bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>", pad_token="<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE,
+    )  # fmt: skip
+    return tiny_llama3(), tokenizer
 
 
 def _encode(text: str) -> list[int]:

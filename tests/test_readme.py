@@ -1,49 +1,34 @@
-"""Every Python block of README.md runs, as written, so the README cannot rot.
+"""README.md runs as written, offline, so it cannot rot.
 
-The blocks name things a user has (their generator's tokenizer, its ids, a
-model, a chat model); each runs in a fresh namespace where those are real
-stand-ins: the bundled Llama 3 tokenizer, a real 2-layer Llama with the
-Mistral v1 vocabulary and a chat template, langchain-core's fake chat model.
-``"Qwen/Qwen3Guard-Stream-0.6B"`` resolves to a folder of that name in the
-working directory, where a tiny checkpoint in the real layout lies (the
-loader takes a local folder before the hub), wired to call the Qwen3 tokens of
-" dynamite" Unsafe and everything else Safe.
+``tests/readme_runner.py`` runs in a subprocess cut off from the network
+(a new network namespace with only loopback up, else a socket guard in every
+Python process; see ``tests/offline.py``): it starts the README's own
+``crossguard serve --tiny --demo-upstream`` line, then runs every Python
+block of the README as written, top to bottom, in one namespace. Nothing is
+injected: the README's blocks define what they use (the tiny guard, the
+bundled tokenizers, the demo's tiny models) themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
+import ast
+import json
+import os
 import re
-import shutil
-import textwrap
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from adapter.bundled_tokenizers import generator_tokenizer, package_file, qwen3_tokenizer, qwen3_tokenizer_path
-from adapter.retokenize import encode_ordinary
-from guard.testing import write_tiny_checkpoint
-from tests.test_source import encode
-from tests.tiny_generator import tiny_mistral_vocabulary_llama
+import crossguard
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BLOCKS = [
-    (README[: match.start()].count("\n") + 2, match.group(1))
-    for match in re.finditer(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
-]
-ANSWER = "Dig around the roots and lift it out; never use dynamite."
-#: The real Llama 3 instruct template, as data on the tiny generator's tokenizer.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
+LAYERS = ("adapter", "guard", "integrations")
 
 
 def test_the_readme_has_python_blocks_to_run():
-    assert len(BLOCKS) >= 6
+    assert len(BLOCKS) >= 10
 
 
 def test_the_readme_test_command_is_what_ci_runs():
@@ -51,100 +36,62 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert command in README
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("readme")
-    unsafe = encode_ordinary(qwen3_tokenizer(), " dynamite")
-    checkpoint = folder / "Qwen" / "Qwen3Guard-Stream-0.6B"
-    write_tiny_checkpoint(checkpoint, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe)
-    shutil.copytree(checkpoint, folder / "Qwen3Guard-Stream-0.6B")
-    model = tiny_mistral_vocabulary_llama()
-    tokenizer = generator_tokenizer("mistral-v1")
-    tokenizer.chat_template = LLAMA3_TEMPLATE
-    return folder, model, tokenizer
+def test_every_name_the_readme_imports_is_public_in_crossguard():
+    imported = [
+        (node.module, alias.name)
+        for code in BLOCKS
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LAYERS
+        for alias in node.names
+    ]
+    assert len(imported) >= 20
+    for module, name in imported:
+        assert name in crossguard.__all__, f"README imports {name} from {module}; crossguard does not re-export it"
+        assert getattr(crossguard, name) is getattr(__import__(module, fromlist=[name]), name)
+    table = README[README.index("## Public names") : README.index("## Integrations")]
+    for name in crossguard.__all__:
+        assert name == "__version__" or f"`{name}`" in table, f"{name} is not in the README's table of public names"
 
 
-def namespace(folder: Path, model, tokenizer) -> dict:
-    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-    from langchain_core.messages import AIMessage
-
-    from adapter import GuardAdapter
-    from guard import Policy, StreamGuard
-
-    guard = StreamGuard.from_pretrained(folder / "Qwen" / "Qwen3Guard-Stream-0.6B")
-    llama3 = generator_tokenizer("llama3")
-    adapter = GuardAdapter(guard.session())
-    adapter.moderate_prompt("How do I remove a stump?")
-    answers = [AIMessage(content=ANSWER), AIMessage(content="Dig around the roots and lift it out.")] * 4
-    return {
-        "guard": guard,
-        "policy": Policy(),
-        "session": guard.session(),
-        "messages": [{"role": "user", "content": "How do I remove a stump?"}],
-        "generator_tokenizer": llama3,
-        "generated_ids": encode(llama3, ANSWER),
-        "generator_stream": iter(encode(llama3, ANSWER)),
-        "qwen_ids": encode_ordinary(qwen3_tokenizer(), "Dig around the roots and lift it out."),
-        "ids": encode_ordinary(qwen3_tokenizer(), "Dig around the roots."),
-        "adapter": adapter,
-        "delta": "Some words ",
-        "model": model,
-        "tokenizer": tokenizer,
-        "r1_tokenizer": generator_tokenizer("deepseek-v3"),
-        "r1_distill": generator_tokenizer("deepseek-v3"),
-        "chat_model": GenericFakeChatModel(messages=iter(answers)),
-        "package_file": package_file,
-    }
+def test_every_python_block_runs_as_written_top_to_bottom_offline(tmp_path):
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.readme_runner", str(ROOT / "README.md")],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    steps = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    report = f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert steps and "network" in steps[0], report
+    # Cut off, one way or the other: nothing outside loopback answers, no name resolves.
+    assert steps[0]["network"] in ("network namespace", "user and network namespace", "socket guard"), report
+    probe = steps[0]["probe"]
+    assert probe["outside"].startswith("refused") and probe["dns"].startswith("refused"), probe
+    assert probe["loopback"] == "connected"
+    failed = [step for step in steps if step.get("ok") is False]
+    assert not failed, f"README.md block at line {failed[0]['block']} failed:\n{failed[0]['error']}\n{report}"
+    assert result.returncode == 0, report
+    assert {"blocks": len(BLOCKS)} in steps, report
+    gateway = next(step for step in steps if "gateway_exit" in step)
+    assert gateway["gateway_exit"] == 0 and "MEANINGLESS" in gateway["gateway_output"], gateway
 
 
-def run_block(code: str, scope: dict) -> None:
-    if re.search(r"^\s*(?:[\w.]+\s*=\s*)?await ", code, flags=re.M):
-        body = textwrap.indent(code, "    ")
-        exec(compile(f"async def _block():\n{body}\n    return locals()\n", "README.md", "exec"), scope)
-        scope.update(asyncio.run(scope["_block"]()))
-    else:
-        exec(compile(code, "README.md", "exec"), scope)
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings (lower case, punctuation dropped,
+    spaces to hyphens, a repeated one suffixed -1, -2, ...)."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M), flags=re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        number, unique = 0, anchor
+        while unique in anchors:
+            number += 1
+            unique = f"{anchor}-{number}"
+        anchors.add(unique)
+    return anchors
 
 
-#: Where the README's gateway examples expect `crossguard serve`.
-GATEWAY_URL = "http://127.0.0.1:8080"
-
-
-@pytest.fixture(scope="module")
-def gateway_url(tmp_path_factory):
-    """A real gateway in front of the real tiny upstream, started only for the
-    blocks that talk to one; they run with its address in place of
-    ``GATEWAY_URL`` (that port may be taken on the machine)."""
-    from guard import StreamGuard
-    from integrations.gateway import GatewayConfig, create_app
-    from tests.gateway_harness import AppServer, write_gateway_guard
-    from tests.upstream_server import UpstreamServer
-
-    guard = StreamGuard.from_pretrained(write_gateway_guard(tmp_path_factory.mktemp("readme-gateway")))
-    with UpstreamServer() as upstream:
-        config = GatewayConfig(upstream=upstream.url, generator="llama3", token_ids="request")
-        with AppServer(create_app(config, guard=guard)) as server:
-            yield server.url
-
-
-@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"line-{line}" for line, _ in BLOCKS])
-def test_readme_block_runs_as_written(world, monkeypatch, request, line, code):
-    folder, model, tokenizer = world
-    if GATEWAY_URL in code:
-        code = code.replace(GATEWAY_URL, request.getfixturevalue("gateway_url"))
-    monkeypatch.chdir(folder)
-    scope = namespace(folder, model, tokenizer)
-    errors: list[BaseException] = []
-
-    def target():
-        try:
-            run_block(code, scope)
-        except BaseException as error:  # reported below, with the README line
-            errors.append(error)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout=180)
-    assert not thread.is_alive(), f"README.md block at line {line} hung"
-    if errors:
-        raise AssertionError(f"README.md block at line {line} failed: {errors[0]!r}") from errors[0]
+def test_every_link_inside_the_readme_finds_its_heading():
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert len(links) >= 15
+    missing = sorted(set(links) - github_anchors(README))
+    assert not missing, f"links to headings that do not exist (renamed?): {missing}"
