@@ -680,8 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on a tiny random guard (meaningless verdicts)",
-        description=_paragraphs("Moderate two built-in conversations with a tiny random guard wired so that "
-                                "' dynamite' is Unsafe, and show each generator token coloured by its verdict."),
+        description=_paragraphs("Moderate three built-in conversations with the tiny demo guard (the one "
+                                "--tiny uses: ' dynamite' is Unsafe in answers and prompts, other text Safe), and "
+                                "show each generator token coloured by its verdict."),
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     _add_policy_arguments(demo, generator="mistral-v3")
