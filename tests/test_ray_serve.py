@@ -68,7 +68,7 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.serve", None)
-    with pytest.raises(ImportError, match=r"pip install 'crossguard\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[ray\]'"):
         ray_serve.build_deployment(config())
 
 
