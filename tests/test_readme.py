@@ -95,3 +95,19 @@ def test_every_link_inside_the_readme_finds_its_heading():
     assert len(links) >= 15
     missing = sorted(set(links) - github_anchors(README))
     assert not missing, f"links to headings that do not exist (renamed?): {missing}"
+
+
+def test_a_guarded_generation_prints_in_one_short_line():
+    """The README prints guarded_generate's result: its ids and judged pieces
+    (one verdict per generator token) are left out of the repr."""
+    from adapter import JudgedPiece
+    from guard import Verdict
+    from integrations.transformers import GuardedGeneration
+
+    verdict = Verdict(0, "Safe", 0.99, None, None, unsafe=False)
+    pieces = [JudgedPiece(index, "word", index, index + 4, verdict, 0) for index in range(2000)]
+    result = GuardedGeneration("Dig around the roots.", list(range(2000)), verdict, pieces, attempts=1)
+    shown = repr(result)
+    assert len(shown) < 400 and "\n" not in shown, shown
+    assert shown.startswith("GuardedGeneration(text='Dig around the roots.'") and "attempts=1, flagged=False" in shown
+    assert result.pieces == pieces and len(result.ids) == 2000  # still all there
