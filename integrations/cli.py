@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import socket
 import sys
 import tempfile
 import textwrap
@@ -637,6 +638,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _http_url(text: str) -> str:
+    """--upstream, checked when the command line is read, not after the guard has loaded."""
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return text
+
+
 def _paragraphs(*paragraphs: str) -> str:
     return "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in paragraphs)
 
@@ -761,7 +769,7 @@ def _add_serve_parser(commands: Any) -> None:
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     upstream = serve.add_mutually_exclusive_group(required=True)
-    upstream.add_argument("--upstream", metavar="URL",
+    upstream.add_argument("--upstream", metavar="URL", type=_http_url,
                           help="the LLM server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), "
                           "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)")  # fmt: skip
     upstream.add_argument("--demo-upstream", action="store_true",
@@ -834,14 +842,17 @@ def gateway_config(args: argparse.Namespace, guard: str) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     from integrations.extras import install_hint
 
+    # Before the gateway's import (torch and transformers: seconds) and before any guard loads (minutes).
+    if args.ray and importlib.util.find_spec("ray") is None:
+        raise SetupError(f"--ray needs Ray Serve, which is not installed: {install_hint('ray')}")
+    if not args.ray:  # Serve's proxy listens instead, where Ray puts it
+        check_port_free(args.host, args.port)
     try:
         import uvicorn
 
         from integrations.gateway import create_app
     except ImportError as error:
         raise SetupError(f"{error} ({install_hint('gateway')})") from error
-    if args.ray and importlib.util.find_spec("ray") is None:  # said before minutes of loading, not after
-        raise SetupError(f"--ray needs Ray Serve, which is not installed: {install_hint('ray')}")
     check_device(args.device)
     if args.demo_upstream:
         args.generator = args.generator or "llama3"
@@ -870,6 +881,26 @@ def _serve(args: argparse.Namespace) -> int:
             guard = load_guard(args, folder)
         uvicorn.run(create_app(config, guard=guard), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds now, before anything loads: uvicorn
+    finds out only once the guard is loaded, and exits with status 3."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise SetupError(f"--host {host!r} is not an address this machine can listen on ({error})") from error
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise SetupError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); another server holds it "
+                "(a crossguard serve still running?): stop it, or pass --port with a free port"
+            ) from error
 
 
 def _demo_upstream(stack: contextlib.ExitStack) -> str:

@@ -11,6 +11,7 @@ import pty
 import re
 import runpy
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -496,6 +497,48 @@ def test_ray_not_installed_is_said_before_any_guard_loads(monkeypatch, capsys):
     assert main(["serve", "--ray", "--tiny", "--upstream", "http://127.0.0.1:1/v1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crossguard: --ray needs Ray Serve") and "pip install -e '.[ray]'" in err
+
+
+def test_ray_not_installed_is_said_before_torch_is_imported():
+    """Importing the gateway loads torch and transformers (5 to 10 s on a busy
+    machine): a missing Ray is said before that, not after."""
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from integrations.cli import main\n"
+        "status = main(['serve', '--ray', '--upstream', 'http://127.0.0.1:1/v1'])\n"
+        "print(status, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.split() == ["2", "False"], result
+    assert result.stderr.startswith("crossguard: --ray needs Ray Serve"), result.stderr
+
+
+def test_a_port_in_use_is_said_before_anything_loads(monkeypatch, capsys):
+    """uvicorn said it only after the guard and the demo upstream had loaded,
+    in its own words, with exit status 3."""
+    from guard import StreamGuard
+
+    def never(*args, **kwargs):
+        raise AssertionError("something loaded before the port was checked")
+
+    monkeypatch.setattr(StreamGuard, "from_pretrained", never)
+    monkeypatch.setattr(cli, "_demo_upstream", never)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--tiny", "--demo-upstream", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"crossguard: cannot listen on 127.0.0.1:{port}") and "--port" in err, err
+    assert err.count("\n") == 1
+
+
+def test_an_upstream_that_is_not_a_url_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--tiny", "--upstream", "localhost:8000"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: crossguard serve ") and "'localhost:8000' is not an http(s) URL" in err
 
 
 def test_the_summary_counts_one_line_in_the_singular(tmp_path, capsys, short_guard):
