@@ -75,13 +75,20 @@ def load_generator_tokenizer(name_or_path: str) -> Any:
 
             return Tokenizer.from_file(str(path))
         if path.is_file() and path.suffix == ".model":
-            import sentencepiece
+            try:
+                import sentencepiece
+            except ImportError as error:
+                from integrations.extras import install_hint
+
+                raise SetupError(f"{name_or_path} is a SentencePiece model: {install_hint('sentencepiece')}") from error
 
             return sentencepiece.SentencePieceProcessor(model_file=str(path))
         if path.is_dir():
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except SetupError:
+        raise
     except Exception as error:  # tokenizers and sentencepiece raise bare exceptions for damaged files
         raise SetupError(f"could not load the generator tokenizer {name_or_path!r}: {_one_line(error)}") from error
     raise SetupError(

@@ -561,6 +561,17 @@ def test_a_missing_tokenizer_package_names_it_and_the_extra(monkeypatch):
     assert "'tokenizers-bundled' extra" in message and "\n" not in message
 
 
+def test_a_sentencepiece_model_without_sentencepiece_names_the_extra(tmp_path, monkeypatch, capsys):
+    from adapter.bundled_tokenizers import GENERATORS, package_file
+
+    model = tmp_path / "tokenizer.model"  # the bundled file is named tokenizer.model.v1
+    model.write_bytes(package_file(*GENERATORS["mistral-v1-sp"][:3]).read_bytes())
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # what an environment without it gives
+    assert main(["bridge", "hi", "--generator", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"crossguard: {model} is a SentencePiece model: pip install -e '.[sentencepiece]'"), err
+
+
 def test_the_summary_counts_one_line_in_the_singular(tmp_path, capsys, short_guard):
     records = write_lines(tmp_path / "one.jsonl", {1: json.dumps({"prompt": "hi", "response": "Hello"}).encode()})
     assert main(["moderate", str(records), "--guard", str(short_guard), "--json"]) == 0
