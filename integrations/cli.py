@@ -645,13 +645,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _http_url(text: str) -> str:
-    """--upstream, checked when the command line is read, not after the guard has loaded."""
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
-    return text
-
-
 def _paragraphs(*paragraphs: str) -> str:
     return "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in paragraphs)
 
@@ -776,7 +769,7 @@ def _add_serve_parser(commands: Any) -> None:
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     upstream = serve.add_mutually_exclusive_group(required=True)
-    upstream.add_argument("--upstream", metavar="URL", type=_http_url,
+    upstream.add_argument("--upstream", metavar="URL",
                           help="the LLM server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (vLLM), "
                           "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)")  # fmt: skip
     upstream.add_argument("--demo-upstream", action="store_true",
@@ -850,6 +843,8 @@ def _serve(args: argparse.Namespace) -> int:
     from integrations.extras import install_hint
 
     # Before the gateway's import (torch and transformers: seconds) and before any guard loads (minutes).
+    if args.upstream is not None and not args.upstream.startswith(("http://", "https://")):
+        raise SetupError(f"--upstream must be an http(s) URL such as http://127.0.0.1:8000/v1, got {args.upstream!r}")
     if args.ray and importlib.util.find_spec("ray") is None:
         raise SetupError(f"--ray needs Ray Serve, which is not installed: {install_hint('ray')}")
     if not args.ray:  # Serve's proxy listens instead, where Ray puts it

@@ -533,12 +533,17 @@ def test_a_port_in_use_is_said_before_anything_loads(monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
-def test_an_upstream_that_is_not_a_url_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["serve", "--tiny", "--upstream", "localhost:8000"])
-    assert exit.value.code == 2
+def test_an_upstream_that_is_not_a_url_is_said_before_anything_loads(monkeypatch, capsys):
+    from guard import StreamGuard
+
+    def never(*args, **kwargs):
+        raise AssertionError("the guard was loaded before --upstream was checked")
+
+    monkeypatch.setattr(StreamGuard, "from_pretrained", never)
+    assert main(["serve", "--tiny", "--upstream", "localhost:8000"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: crossguard serve ") and "'localhost:8000' is not an http(s) URL" in err
+    expected = "crossguard: --upstream must be an http(s) URL such as http://127.0.0.1:8000/v1, got 'localhost:8000'"
+    assert err == expected + "\n"
 
 
 def test_a_missing_tokenizer_package_names_it_and_the_extra(monkeypatch):
