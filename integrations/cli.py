@@ -939,6 +939,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         given = [f"--{name.replace('_', '-')}" for name in RAY_OPTIONS if getattr(args, name) is not None]
         if given:
             args.command_parser.error(f"{', '.join(given)} only work{'s' if len(given) == 1 else ''} with --ray")
+    if getattr(args, "tiny", False) and args.guard != DEFAULT_GUARD:  # one of them would be ignored
+        args.command_parser.error("--tiny is the tiny demo guard, --guard a real one: give one of them")
+    if args.command == "serve" and args.demo_upstream and args.generator not in (None, "llama3"):
+        args.command_parser.error(
+            f"--demo-upstream sends Llama 3 token ids, which --generator {args.generator} would misread: leave "
+            "--generator out"
+        )
     return args
 
 

@@ -486,6 +486,22 @@ def test_ray_options_without_ray_are_a_usage_error(option, capsys):
     assert err.startswith("usage: crossguard serve ") and f"{option[0]} only works with --ray" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["moderate", "chats.jsonl", "--tiny", "--guard", "some/folder"], "give one of them"),
+        (["serve", "--tiny", "--guard", "some/folder", "--demo-upstream"], "give one of them"),
+        (["serve", "--tiny", "--demo-upstream", "--generator", "deepseek-v3"], "leave --generator out"),
+    ],
+)
+def test_options_one_of_which_would_be_ignored_are_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: crossguard {argv[0]} ") and message in err
+
+
 def test_ray_not_installed_is_said_before_any_guard_loads(monkeypatch, capsys):
     from guard import StreamGuard
 
