@@ -581,8 +581,10 @@ def _bridge(args: argparse.Namespace) -> int:
     from adapter.bundled_tokenizers import encode_text, qwen3_tokenizer
     from adapter.retokenize import StableRetokenizer
 
+    generator = load_generator_tokenizer(args.generator)  # a wrong name is said before any typing
+    if args.text is None and sys.stdin.isatty():  # else the command seems to hang
+        print("crossguard bridge: reading the text from standard input; end it with Ctrl-D", file=sys.stderr)
     text = args.text if args.text is not None else sys.stdin.read()
-    generator = load_generator_tokenizer(args.generator)
     guard_vocabulary = qwen3_tokenizer()
     decoder, retokenizer = SourceDecoder(generator), StableRetokenizer(guard_vocabulary)
     ids = encode_text(generator, text)

@@ -593,6 +593,22 @@ def test_a_sentencepiece_model_without_sentencepiece_names_the_extra(tmp_path, m
     assert err.startswith(f"crossguard: {model} is a SentencePiece model: pip install -e '.[sentencepiece]'"), err
 
 
+def test_bridge_reading_a_terminal_says_so(monkeypatch, capsys):
+    """Without TEXT, bridge reads standard input: on a terminal it seemed to hang."""
+    master, slave = pty.openpty()  # canonical mode: Ctrl-D ends the input
+    with open(slave, encoding="utf-8") as keyboard:
+        os.write(master, b"Hello there\n\x04")
+        monkeypatch.setattr(sys, "stdin", keyboard)
+        assert main(["bridge", "--json"]) == 0
+    os.close(master)
+    captured = capsys.readouterr()
+    assert "reading the text from standard input; end it with Ctrl-D" in captured.err
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert "".join(row["text"] for row in rows) == "Hello there\n"
+    assert main(["bridge", "--generator", "gpt-9"]) == 2  # a wrong name is said before any typing
+    assert "reading" not in capsys.readouterr().err
+
+
 def test_the_summary_counts_one_line_in_the_singular(tmp_path, capsys, short_guard):
     records = write_lines(tmp_path / "one.jsonl", {1: json.dumps({"prompt": "hi", "response": "Hello"}).encode()})
     assert main(["moderate", str(records), "--guard", str(short_guard), "--json"]) == 0
