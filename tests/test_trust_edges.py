@@ -1,0 +1,196 @@
+"""Trust at the edges: canonical reordering, CARE on multi-byte characters,
+flagged text that CARE returns, rollback into a think marker, and where and
+why a stream was flagged.
+
+Each regression reproduces its defect as a user or an attacker meets it;
+each property states the promise it checks in its plain words.
+"""
+
+from __future__ import annotations
+
+import itertools
+import unicodedata
+
+import pytest
+import torch
+from langchain_core.messages import AIMessageChunk
+
+from adapter import GuardAdapter
+from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
+from adapter.retokenize import StableRetokenizer
+from adapter.retokenize.boundaries import nfc_rearranged_spans
+from adapter.retokenize.ordinary import cached_ordinary_tokenizer
+from guard import StreamGuard
+from guard.testing import write_tiny_checkpoint
+from integrations.langchain import GuardedChatModel, GuardFlaggedError
+from tests.test_langchain import scripted
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny guard's matrices are too small to share out: on a busy
+    machine a second thread waiting for a core made each forward many times
+    slower (as ``crossguard moderate --tiny`` does, one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_guard_flagging(folder, *unsafe_ids: int) -> StreamGuard:
+    """A tiny guard that calls exactly these Qwen3 ids Unsafe in answers."""
+    write_tiny_checkpoint(folder, tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=list(unsafe_ids))
+    return StreamGuard.from_pretrained(folder, device="cpu")
+
+
+# --- 1. NFC canonical reordering: a piece waits for every guard token holding its text -----
+
+
+def nfc_with_sources(text: str) -> list[tuple[str, frozenset[int]]]:
+    """NFC(text) one character at a time, each with the raw offsets of the
+    characters it was made from: UAX #15's canonical decomposition, canonical
+    ordering and canonical composition, done by hand so that every step
+    keeps track of where each character came from."""
+    chars = [(part, frozenset([at])) for at, char in enumerate(text) for part in unicodedata.normalize("NFD", char)]
+    # Canonical ordering: a stable sort of each run of non-starters by class.
+    ordered: list[tuple[str, frozenset[int]]] = []
+    for starter, run in itertools.groupby(chars, key=lambda item: unicodedata.combining(item[0]) == 0):
+        items = list(run)
+        ordered += items if starter else sorted(items, key=lambda item: unicodedata.combining(item[0]))
+    # Canonical composition: a character joins the last starter unless a
+    # character between them is a starter or has a class at least as high.
+    composed: list[list] = []
+    starter, last_class = None, None
+    for char, sources in ordered:
+        char_class = unicodedata.combining(char)
+        blocked = last_class is not None and (last_class == 0 or last_class >= char_class)
+        if starter is not None and not blocked:
+            pair = unicodedata.normalize("NFC", composed[starter][0] + char)
+            if len(pair) == 1:
+                composed[starter] = [pair, composed[starter][1] | sources]
+                continue
+        if char_class == 0:
+            starter, last_class = len(composed), None
+        else:
+            last_class = char_class
+        composed.append([char, sources])
+    result = [(char, sources) for char, sources in composed]
+    assert "".join(char for char, _ in result) == unicodedata.normalize("NFC", text), text
+    return result
+
+
+def raw_characters_of_each_token(text: str) -> tuple[list[int], list[frozenset[int]]]:
+    """(ids, raw offsets each guard token holds) of ``encode_ordinary(text)``:
+    the normalized text is encoded (NFC of NFC text is itself, so offsets
+    index it) and each normalized character brings the raw characters it
+    was made from."""
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer()).tokenizer
+    normalized = nfc_with_sources(text)
+    encoding = ordinary.encode("".join(char for char, _ in normalized), add_special_tokens=False)
+    assert encoding.ids == ordinary.encode(text, add_special_tokens=False).ids
+    holds = [frozenset().union(*(sources for _, sources in normalized[start:end])) for start, end in encoding.offsets]
+    return encoding.ids, holds
+
+
+#: One mark per canonical combining class, from every range of classes:
+#: Latin, Indic, kana, Hebrew, Arabic, Telugu, Thai, Tibetan marks and the
+#: general classes below and above the base (attached or not, double marks,
+#: iota subscript). Several compose with some of the letters below (ạ, ç,
+#: ơ, á, ά, й, が, ᾳ), the case where alignment breaks.
+MARKS_BY_CLASS = {
+    1: "\u0334", 7: "\u093c", 8: "\u3099", 9: "\u094d", 17: "\u05b7", 27: "\u064b", 84: "\u0c55", 103: "\u0e38",
+    129: "\u0f71", 202: "\u0327", 216: "\u031b", 220: "\u0323", 230: "\u0301", 232: "\u0315", 233: "\u035c",
+    234: "\u035d", 240: "\u0345",
+}  # fmt: skip
+#: Letters of eight scripts (a precomposed one too) for the marks to follow.
+LETTERS = ["a", "\u00e1", "o", "\u03b1", "\u0438", "\u05e9", "\u0627", "\u0915", "\u304b", "\uac00", "\u4e2d"]
+MARK_PAIRS = [
+    (first, second)
+    for first, second in itertools.permutations(MARKS_BY_CLASS.values(), 2)
+    if unicodedata.combining(first) != unicodedata.combining(second)
+]
+
+
+def test_the_marks_cover_the_classes_they_claim():
+    assert {unicodedata.combining(mark) for mark in MARKS_BY_CLASS.values()} == set(MARKS_BY_CLASS)
+    assert len(MARK_PAIRS) == len(MARKS_BY_CLASS) * (len(MARKS_BY_CLASS) - 1)
+    # The reference really rearranges: the issue's example, and one that composes through a reordering.
+    assert nfc_with_sources("a\u0301\u0323") == [("\u1ea1", frozenset({0, 2})), ("\u0301", frozenset({1}))]
+    assert nfc_with_sources("\u00e1\u0323") == [("\u1ea1", frozenset({0, 1})), ("\u0301", frozenset({0}))]
+
+
+def test_nfc_rearranged_spans():
+    assert nfc_rearranged_spans("plain text") == []
+    assert nfc_rearranged_spans("x\u0301 y") == []  # nothing composes or moves: alignment is exact
+    assert nfc_rearranged_spans("e\u0301") == [(0, 2)]
+    assert nfc_rearranged_spans("ok a\u0301\u0323 x") == [(3, 6)]
+    assert nfc_rearranged_spans("\u0301\u0323") == [(0, 2)]
+    assert nfc_rearranged_spans("a\u0323\u0301 b\u0301\u0323") == [(0, 2), (4, 7)]  # in order: only a+dot compose
+    assert nfc_rearranged_spans("x\u0301\u0323") == [(1, 3)]  # the marks swap; x stays
+    assert nfc_rearranged_spans("\u0958\u0958\uf900") == [(0, 1), (1, 2), (2, 3)]  # each changes alone
+    assert nfc_rearranged_spans("\uac00\u11a8") == [(0, 2)]  # a Hangul syllable takes a final consonant
+
+
+def test_every_guard_token_span_holds_every_raw_character_it_was_made_from():
+    """Every pair of marks of different classes, in both orders, after
+    letters of eight scripts, every cut: each StableToken's span holds every
+    raw character that NFC folded into it (so a piece that ends before a
+    token's start holds none of its characters)."""
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer())
+    failures = []
+    for letter, (first, second) in itertools.product(LETTERS, MARK_PAIRS):
+        text = letter + first + second + " x"
+        ids, holds = raw_characters_of_each_token(text)
+        for cut in range(len(text) + 1):
+            retokenizer = StableRetokenizer(ordinary)
+            tokens = retokenizer.push(text[:cut]) + retokenizer.push(text[cut:]) + retokenizer.flush()
+            if [token.id for token in tokens] != ids:
+                failures.append((text, cut, "ids"))
+                continue
+            for token, held in zip(tokens, holds, strict=True):
+                if not all(token.start <= offset < token.end for offset in held):
+                    failures.append((text, cut, token, sorted(held)))
+    assert not failures, failures[:5]
+
+
+@pytest.fixture(scope="module")
+def reorder_guard(tmp_path_factory):
+    """The issue's wiring: the acute's guard token in "a\\u0301\\u0323 x"
+    (NFC: U+1EA1, then the acute) and " x" are Unsafe."""
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer()).tokenizer
+    ids = ordinary.encode("a\u0301\u0323 x", add_special_tokens=False).ids
+    assert len(ids) == 3
+    return tiny_guard_flagging(tmp_path_factory.mktemp("reorder"), ids[1], ids[2])
+
+
+def test_langchain_stream_never_shows_a_character_whose_mark_is_flagged(reorder_guard):
+    # The issue's scenario: "a\u0301" then "\u0323 x"; the acute lands in the
+    # guard token after U+1EA1, which is Unsafe, and " x" flags.
+    chunks = [AIMessageChunk(content="a\u0301"), AIMessageChunk(content="\u0323 x")]
+    shown = []
+    with pytest.raises(GuardFlaggedError):
+        for chunk in GuardedChatModel(scripted(chunks), reorder_guard).stream("Say it."):
+            shown.append(chunk.content)
+    assert "".join(shown) == ""
+
+
+def test_a_piece_is_judged_by_every_guard_token_holding_its_text_for_every_mark_pair(reorder_guard):
+    """Through a real adapter: every mark pair after a plain and a precomposed
+    letter, cut between the two marks (the issue's deltas); each piece's
+    verdict comes from a guard token no earlier than every token that holds
+    any of its characters."""
+    adapter = GuardAdapter(reorder_guard.session())
+    adapter.moderate_prompt("Say it.")
+    start = adapter.session.response_start
+    failures = []
+    for letter, (first, second) in itertools.product(["a", "\u00e1"], MARK_PAIRS):
+        text = letter + first + second + " x"
+        _, holds = raw_characters_of_each_token(text)
+        for deltas in ([letter + first, second + " x"],):
+            adapter.rollback(0)  # one session for all: the prompt is judged once
+            pieces = [piece for delta in deltas for piece in adapter.push_text(delta)] + adapter.finish()
+            for piece in pieces:
+                needed = [k for k, held in enumerate(holds) if any(piece.start <= o < piece.end for o in held)]
+                if needed and piece.verdict.position - start < needed[-1]:
+                    failures.append((text, deltas, piece.index, piece.verdict.position - start, needed))
+    assert not failures, failures[:5]
