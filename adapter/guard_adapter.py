@@ -188,9 +188,16 @@ class GuardAdapter:
         self._ready: list[JudgedPiece] = []  # judged, not yet returned to the caller
         self._call_lock = threading.Lock()  # async calls run in worker threads
         # Per judged piece: the guard token (ordinal in the response) that
-        # judged it, -1 for none. Rollback re-opens pieces whose judge it drops.
+        # judged it (-1 for none), its end, and the moment it was released
+        # (source pieces routed by then; one more in finish()). A rollback
+        # keeps a piece only if both are kept: its judge, and the history it
+        # was released in (text after a piece can release it: the rest of a
+        # marker it was held for, a later word that made its token final).
         self._judges = array("q")
         self._judge_ends = array("q")
+        self._released_at = array("q")
+        self._routed = 0  # source pieces whose text went in, in index order
+        self._finishing = False
         self._verdicts: list[Verdict] = []  # one per guard token of the response, template tokens included
         self._end_verdicts: list[Verdict] = []
         self._finished = False
@@ -345,7 +352,9 @@ class GuardAdapter:
         Returns how many source pieces keep their verdicts. The pieces from
         there up to ``index`` are judged again, by the guard tokens that come
         next: their old verdict came from guard tokens that the rollback took
-        back (a word is only final once the text after it is known).
+        back (a word is only final once the text after it is known), or was
+        given once text after ``index`` had arrived (text held as the start of
+        a think marker is judged only once the marker is complete or is not).
         """
         # Everything that can refuse is checked before anything changes.
         if self._guard_error is not None:
@@ -400,7 +409,7 @@ class GuardAdapter:
 
         judged = min(len(self._judges), kept_pieces)
         kept = 0
-        while kept < judged and self._judges[kept] < kept_tokens:
+        while kept < judged and self._judges[kept] < kept_tokens and self._released_at[kept] <= index:
             kept += 1
         starts = [self._judge_ends[i - 1] if i else 0 for i in range(kept, judged)]
         reopened = [
@@ -409,9 +418,10 @@ class GuardAdapter:
         ]
         waiting = [piece for piece in self._pending if piece.index < kept_pieces]
         self._pending = deque(reopened + waiting)
-        del self._judges[kept:], self._judge_ends[kept:]
+        del self._judges[kept:], self._judge_ends[kept:], self._released_at[kept:]
         self._ready = [piece for piece in self._ready if piece.index < kept]
         self._pushed = index
+        self._routed = kept_pieces
         self._finished = False
         return kept
 
@@ -511,6 +521,7 @@ class GuardAdapter:
         self._apply(self._splitter.text("", stream))
 
     def _finish_with(self, pieces: list[tuple[SourcePiece, Stream]]) -> list[JudgedPiece]:
+        self._finishing = True
         try:
             for piece, stream in pieces:
                 self._route(piece, stream)
@@ -523,6 +534,7 @@ class GuardAdapter:
             self._end_verdicts = self._judge_control("end", at, at)
         finally:
             self._release(self._frontier())
+            self._finishing = False
         self._finished = True
         if self.session.flagged and not flagged_before:  # the end of turn raised the flag
             self._ready = [
@@ -548,6 +560,7 @@ class GuardAdapter:
         return judged
 
     def _route(self, piece: SourcePiece, stream: Stream) -> None:
+        self._routed = piece.index + 1
         self._log.append(piece.text)
         self._pending.append(piece)
         ops = self._splitter.text(piece.text, stream)
@@ -650,6 +663,7 @@ class GuardAdapter:
             self._ready.append(JudgedPiece(piece.index, piece.text, piece.start, piece.end, verdict, lag, reasoning))
             self._judges.append(judge)
             self._judge_ends.append(piece.end)
+            self._released_at.append(self._routed + self._finishing)
 
     def _replay(self, length: int) -> ResponseSplitter:
         """A fresh splitter fed the kept text: the state a stream of the kept

@@ -13,10 +13,12 @@ import unicodedata
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessageChunk
 
-from adapter import GuardAdapter
-from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
+from adapter import GuardAdapter, ThinkMarkers
+from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
 from adapter.retokenize import StableRetokenizer
 from adapter.retokenize.boundaries import nfc_rearranged_spans
 from adapter.retokenize.ordinary import cached_ordinary_tokenizer
@@ -24,6 +26,7 @@ from guard import StreamGuard
 from guard.testing import write_tiny_checkpoint
 from integrations.langchain import GuardedChatModel, GuardFlaggedError
 from tests.test_langchain import scripted
+from tests.test_source import encode
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -194,3 +197,105 @@ def test_a_piece_is_judged_by_every_guard_token_holding_its_text_for_every_mark_
                 if needed and piece.verdict.position - start < needed[-1]:
                     failures.append((text, deltas, piece.index, piece.verdict.position - start, needed))
     assert not failures, failures[:5]
+
+
+# --- 4. A rollback into text held as a think marker -----------------------------------
+
+
+def stripped(pieces) -> list[tuple]:
+    """What a piece says, without the float noise of batched forwards."""
+    said = []
+    for piece in pieces:
+        verdict = piece.verdict
+        judged = (None,) if verdict is None else (verdict.position, verdict.risk_level, verdict.flagged)
+        said.append((piece.index, piece.text, piece.reasoning, piece.flagged_at_finish, *judged))
+    return said
+
+
+def test_a_rollback_into_an_opening_marker_judges_what_it_kept_as_a_fresh_run_does(tiny_guard):
+    """The issue's run: "<th" is held as the start of a marker, "ink>"
+    completes it and releases "<th" unjudged (markers are not shown to the
+    guard); a rollback to 1 makes "<th" text again, waiting for what follows."""
+    rolled = GuardAdapter(tiny_guard.session(), think_markers=ThinkMarkers())
+    rolled.moderate_prompt("hi")
+    pieces = rolled.push_text("<th") + rolled.push_text("ink>") + rolled.push_text("why")
+    assert pieces[0].verdict is None
+    kept = rolled.rollback(1)
+    assert kept == 0
+    pieces = pieces[:kept] + rolled.push_text("x") + rolled.finish()
+    fresh = GuardAdapter(tiny_guard.session(), think_markers=ThinkMarkers())
+    fresh.moderate_prompt("hi")
+    expected = fresh.push_text("<th") + fresh.push_text("x") + fresh.finish()
+    assert stripped(pieces) == stripped(expected)
+    assert pieces[0].verdict is not None
+
+
+LLAMA3_HIDDEN_MARKERS = ThinkMarkers("<|reserved_special_token_10|>", "<|reserved_special_token_11|>")
+HIDDEN_OPEN, HIDDEN_CLOSE = 128015, 128016
+
+
+def marked_response(data, hidden: bool) -> list:
+    """Whitespace, an opening marker (whole, cut short or none), reasoning,
+    a closing marker (the same), an answer: as text, or as Llama 3 ids with
+    hidden marker ids."""
+    parts = [
+        data.draw(st.sampled_from(["", " ", "\n", "  \n"])),
+        data.draw(st.sampled_from(["<think>", "<th", "<", ""])),
+        data.draw(st.sampled_from(["", "why", "\nso \u5c4c\n", " x"])),
+        data.draw(st.sampled_from(["</think>", "</th", ""])),
+        data.draw(st.sampled_from(["", "ok", "\n\nyes ok", " \u5c4c"])),
+    ]
+    if not hidden:
+        return list("".join(parts))
+    llama3 = generator_tokenizer("llama3")
+    markers = {"<think>": [HIDDEN_OPEN], "</think>": [HIDDEN_CLOSE]}
+    return [token_id for part in parts for token_id in markers.get(part) or encode(llama3, part)]
+
+
+def batches_of(data, items: list, hidden: bool) -> list:
+    """``items`` cut into consecutive batches (text deltas, or id lists):
+    one at a time (a marker then takes many pieces), or anywhere."""
+    one_by_one = data.draw(st.booleans())
+    cuts = range(len(items)) if one_by_one else sorted(data.draw(st.sets(st.integers(0, len(items)))))
+    batches = [items[a:b] for a, b in itertools.pairwise([0, *cuts, len(items)])]
+    return batches if hidden else ["".join(batch) for batch in batches]
+
+
+@given(data=st.data())
+def test_rollback_then_more_judges_every_piece_as_a_fresh_run_over_the_final_stream(tiny_guard, data):
+    """Think markers as text (cut anywhere) or as hidden Llama 3 ids,
+    whitespace before them, a rollback anywhere (after finish() or not), then
+    more: every piece, kept or judged again, says what a fresh run over the
+    final stream says."""
+    hidden = data.draw(st.booleans())
+    generator = generator_tokenizer("llama3") if hidden else None
+    if hidden:
+        markers = LLAMA3_HIDDEN_MARKERS
+    else:
+        markers = data.draw(st.sampled_from([ThinkMarkers(), ThinkMarkers(opened_in_prompt=True)]))
+    first = batches_of(data, marked_response(data, hidden), hidden)
+    rest = batches_of(data, marked_response(data, hidden)[: data.draw(st.integers(0, 6))], hidden)
+
+    def run(batches, finish=True):
+        adapter = GuardAdapter(tiny_guard.session(), generator, think_markers=markers)
+        adapter.moderate_prompt("hi")
+        push = adapter.push_text if generator is None else adapter.push_ids
+        pieces = [piece for batch in batches for piece in push(batch)]
+        return adapter, pieces + (adapter.finish() if finish else [])
+
+    pushed = len(first) if generator is None else sum(map(len, first))
+    index = data.draw(st.integers(0, pushed))
+    rolled, pieces = run(first, finish=data.draw(st.booleans()))
+    kept = rolled.rollback(index)
+    push = rolled.push_text if generator is None else rolled.push_ids
+    pieces = pieces[:kept] + [piece for batch in rest for piece in push(batch)] + rolled.finish()
+
+    if generator is None:
+        kept_batches = first[:index]
+    else:  # the same batches, the one holding the rollback point cut there
+        ends = list(itertools.accumulate(map(len, first)))
+        kept_batches = [batch for batch, end in zip(first, ends, strict=True) if end <= index]
+        cut = index - (ends[len(kept_batches) - 1] if kept_batches else 0)
+        kept_batches += [first[len(kept_batches)][:cut]] if cut else []
+    _, expected = run(kept_batches + rest)
+    assert stripped(pieces) == stripped(expected)
