@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from adapter.source import SourceDecoder, SourcePiece, token_id_list
 if TYPE_CHECKING:  # types only: adapter does not need torch to import
     from guard import GuardSession, Verdict
 
-__all__ = ["GuardAdapter", "JudgedPiece", "ThinkMarkers"]
+__all__ = ["Flag", "GuardAdapter", "JudgedPiece", "ThinkMarkers"]
 
 GuardObserver = Callable[[list[StableToken], list["Verdict"]], None]
 Stream = Literal["main", "reasoning"]
@@ -86,6 +87,32 @@ class JudgedPiece:
     @property
     def flagged(self) -> bool:
         return (self.verdict is not None and self.verdict.flagged) or self.flagged_at_finish
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """Where and why the debounced policy flagged a response.
+
+    The policy flags at the second of two consecutive guard tokens that agree
+    (``position``, the verdicts' ``flagged_at``); ``verdict`` is that token's
+    verdict, whose ``risk_level`` and ``category`` say why. ``index`` is the
+    first source piece of the flagged stretch (the first one the guard token
+    before ``position`` judged, the first a withholding stream never shows),
+    None when no piece holds it: the end of turn alone flagged the response
+    (``<|im_end|>`` and the ``\\n`` after it). ``end_of_turn``: the flag came
+    at the end of turn, raised by ``finish()`` (the answer's last token and
+    ``<|im_end|>``, or the two end-of-turn tokens). ``rollback_to``: where the
+    CARE pattern rolls back to (``adapter.rollback(flag.rollback_to)``) so that
+    the flagged stretch is gone and no character is cut: the start of the
+    generator token that begins the stretch's first character (the last piece
+    for a flag the end of turn alone raised).
+    """
+
+    position: int
+    verdict: Verdict
+    index: int | None
+    end_of_turn: bool
+    rollback_to: int
 
 
 def _single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -237,6 +264,35 @@ class GuardAdapter:
         """Guard tokens of the response judged so far, the template's
         included: ``session.position == session.response_start + guard_tokens``."""
         return len(self._verdicts)
+
+    @property
+    def flag(self) -> Flag | None:
+        """Where and why the response was flagged (None while it is not)."""
+        session = self.session
+        position = session.flagged_at
+        if position is None:
+            return None
+        ordinal = position - session.response_start
+        verdict = self._verdicts[ordinal]
+        end_of_turn = bool(self._end_verdicts) and ordinal >= len(self._verdicts) - len(self._end_verdicts)
+        # Judges are released in order, so they never decrease.
+        first = bisect_left(self._judges, ordinal - 1)
+        if first < len(self._judges):
+            index: int | None = first
+        else:
+            index = self._pending[0].index if self._pending else None
+        last = index if index is not None else max(self._pushed - 1, 0)
+        return Flag(position, verdict, index, end_of_turn, self.character_start(last))
+
+    def character_start(self, index: int) -> int:
+        """The last source index at or before ``index`` where no character is
+        cut: ``index``, unless generator token ``index - 1`` holds the first
+        bytes of a character a later token completes (then the token that
+        began it; text deltas are whole characters). Roll back there to take
+        back a whole character."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= self._pushed:
+            raise RollbackError(f"no source piece {index!r}: {self._pushed} were pushed")
+        return index if self._decoder is None else self._decoder.character_start(index)
 
     @property
     def end_verdicts(self) -> list[Verdict]:

@@ -13,11 +13,12 @@ import unicodedata
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessageChunk
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from adapter import GuardAdapter, ThinkMarkers
+from adapter import GuardAdapter, SourceDecoder, ThinkMarkers
 from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
 from adapter.retokenize import StableRetokenizer
 from adapter.retokenize.boundaries import nfc_rearranged_spans
@@ -25,8 +26,10 @@ from adapter.retokenize.ordinary import cached_ordinary_tokenizer
 from guard import StreamGuard
 from guard.testing import write_tiny_checkpoint
 from integrations.langchain import GuardedChatModel, GuardFlaggedError
+from integrations.transformers import guarded_generate
 from tests.test_langchain import scripted
-from tests.test_source import encode
+from tests.test_source import encode, reference_decode
+from tests.tiny_generator import Scripted, tiny_mistral_vocabulary_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,3 +302,188 @@ def test_rollback_then_more_judges_every_piece_as_a_fresh_run_over_the_final_str
         kept_batches += [first[len(kept_batches)][:cut]] if cut else []
     _, expected = run(kept_batches + rest)
     assert stripped(pieces) == stripped(expected)
+
+
+# --- 2 and 3. CARE: roll back whole characters; return only text judged clean -------------
+
+PROMPT_IDS = [1, 22557, 28725]  # <s> Hello, (Mistral v1)
+MISTRAL_EOS = 2
+
+
+def judged_afresh(guard, tokenizer, ids: list[int]) -> GuardAdapter:
+    """A fresh adapter fed ``ids`` one at a time, then the end of turn: how
+    the guard judges a returned answer as a whole."""
+    adapter = GuardAdapter(guard.session(), tokenizer)
+    adapter.moderate_prompt("Hello,")
+    for token_id in ids:
+        adapter.push_ids(token_id)
+    adapter.finish()
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def mistral_model():
+    return tiny_mistral_vocabulary_llama()
+
+
+@pytest.fixture(scope="module")
+def mid_character_guard(tmp_path_factory):
+    """The issue's wiring: the guard token of 屌's last byte and " bomb"."""
+    ids = cached_ordinary_tokenizer(qwen3_tokenizer()).encode("ok \u5c4c bomb yes")
+    assert [qwen3_tokenizer().id_to_token(i) for i in ids[1:4]] == ["\u0120\u00e5\u00b1", "\u012e", "\u0120bomb"]
+    return tiny_guard_flagging(tmp_path_factory.mktemp("mid-character"), ids[2], ids[3])
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_care_rolls_back_to_the_token_that_begins_the_flagged_character(
+    mid_character_guard, mistral_model, max_retries
+):
+    """Mistral v1 writes 屌 as three byte tokens; the flag's stretch starts
+    at its last byte's guard token. CARE takes back all three, not two."""
+    tokenizer = generator_tokenizer("mistral-v1")
+    script = encode(tokenizer, "ok \u5c4c bomb yes")
+    assert script[2:5] == [232, 180, 143]  # <0xE5> <0xB1> <0x8C>
+    retry = script[:2] + encode(tokenizer, "fine")
+    result = guarded_generate(
+        mistral_model, tokenizer, mid_character_guard, "Hello,", input_ids=PROMPT_IDS, max_new_tokens=len(script) + 1,
+        max_retries=max_retries, do_sample=False, eos_token_id=MISTRAL_EOS,
+        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), script, retry=retry)]),
+    )  # fmt: skip
+    assert "\ufffd" not in result.text
+    assert result.text == reference_decode(tokenizer, result.ids)
+    assert result.flags[0].rollback_to == 2 and result.flags[0].index == 4  # the piece holding 屌, begun at token 2
+    if max_retries == 0:
+        assert (result.text, result.ids, result.flagged) == ("ok ", script[:2], True)
+    else:
+        assert (result.text, result.flagged, result.attempts) == ("ok  fine", False, 2)
+    assert not judged_afresh(mid_character_guard, tokenizer, result.ids).flagged
+
+
+@pytest.fixture(scope="module")
+def end_of_turn_guard(tmp_path_factory):
+    """The issue's wiring: "bomb", " bomb" and <|im_end|> are Unsafe."""
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer())
+    ids = [*ordinary.encode("bomb"), *ordinary.encode(" bomb"), qwen3_tokenizer().token_to_id("<|im_end|>")]
+    return tiny_guard_flagging(tmp_path_factory.mktemp("end-of-turn"), *ids)
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_care_never_returns_text_that_is_itself_flagged(end_of_turn_guard, mistral_model, max_retries):
+    """"bomb  bomb bomb." flags at the third word; rolled back, "bomb" is
+    flagged by its own end of turn (bomb, <|im_end|>): that must go too."""
+    tokenizer = generator_tokenizer("mistral-v1")
+    script = encode(tokenizer, "bomb  bomb bomb.")
+    result = guarded_generate(
+        mistral_model, tokenizer, end_of_turn_guard, "Hello,", input_ids=PROMPT_IDS, max_new_tokens=len(script) + 1,
+        max_retries=max_retries, do_sample=False, eos_token_id=MISTRAL_EOS,
+        logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), script)]),
+    )  # fmt: skip
+    assert result.flagged and result.attempts == max_retries + 1
+    assert (result.text, result.ids) == ("", [])
+    assert not judged_afresh(end_of_turn_guard, tokenizer, result.ids).flagged
+    assert [flag.end_of_turn for flag in result.flags] == [False] * (max_retries + 1) + [True]
+    assert all(flag.verdict.risk_level == "Unsafe" for flag in result.flags)
+
+
+#: Multi-byte characters the guard flags (their byte-level guard tokens are
+#: wired Unsafe), words it flags, and text it does not.
+CARE_FRAGMENTS = [
+    "ok", " ok", " ", "  ", "\u5c4c", " \u5c4c", "\U0001fae0", " \U0001fae0", "bomb", " bomb", "\u00e9",
+    " \u4e2d\u6587", ".",
+]  # fmt: skip
+RETRY_FRAGMENTS = ["fine", " fine", " yes", ".", " bomb", " \u5c4c", "\u00e9"]
+END_OF_TEXT = {"llama3": 128009, "deepseek-v3": 1}  # the others end with </s>, id 2
+
+
+@pytest.fixture(scope="module")
+def care_guard(tmp_path_factory):
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer())
+    unsafe = {qwen3_tokenizer().token_to_id("<|im_end|>")}
+    for text in ["\u5c4c", " \u5c4c", "\U0001fae0", " \U0001fae0", "bomb", " bomb"]:
+        unsafe.update(ordinary.encode(text))
+    return tiny_guard_flagging(tmp_path_factory.mktemp("care"), *sorted(unsafe))
+
+
+class Attempts(LogitsProcessor):
+    """A real generator that writes ``scripts[n]`` in its n-th ``generate``
+    call (after whatever prefix it is given), then ends."""
+
+    def __init__(self, scripts: list[list[int]], end: int):
+        self.scripts, self.end = scripts, end
+        self.calls, self.start, self.length = -1, 0, None
+
+    def __call__(self, input_ids, scores):
+        length = input_ids.shape[1]
+        if self.length is None or length != self.length + 1:  # a new generate call
+            self.calls, self.start = self.calls + 1, length
+        self.length = length
+        script = self.scripts[min(self.calls, len(self.scripts) - 1)]
+        step = length - self.start
+        forced = torch.full_like(scores, -1e9)
+        forced[:, script[step] if step < len(script) else self.end] = 0.0
+        return forced
+
+
+@pytest.fixture(scope="module")
+def vocabulary_models():
+    """A tiny random Llama per generator vocabulary size (the scripts pick every token)."""
+    models = {}
+
+    def model_for(size: int):
+        if size not in models:
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=256,
+            )  # fmt: skip
+            models[size] = LlamaForCausalLM(config).eval()
+        return models[size]
+
+    return model_for
+
+
+def check_care(guard, model_for, name: str, tokenizer, texts: list[str], max_retries: int):
+    """guarded_generate with a generator that writes ``texts[n]`` in attempt
+    n: the returned text never ends inside a character (no U+FFFD; it is the
+    tokenizer's own decode of the ids) and, judged afresh as a whole answer,
+    is never flagged."""
+    scripts = [encode(tokenizer, text) for text in texts]
+    end = END_OF_TEXT.get(name, 2)
+    assert reference_decode(tokenizer, [end]) == ""
+    model = model_for(SourceDecoder(tokenizer).vocab_size)
+    result = guarded_generate(
+        model, tokenizer, guard, "Hello,", input_ids=[end], max_new_tokens=40, max_retries=max_retries,
+        do_sample=False, eos_token_id=end, pad_token_id=end,
+        logits_processor=LogitsProcessorList([Attempts(scripts, end)]),
+    )  # fmt: skip
+    assert "\ufffd" not in result.text
+    assert result.text == reference_decode(tokenizer, result.ids)
+    assert not judged_afresh(guard, tokenizer, result.ids).flagged
+    if result.flagged:  # out of retries; the end of turn may have flagged what was kept, and more went
+        assert result.attempts == max_retries + 1 and len(result.flags) >= result.attempts
+    else:  # each attempt but the last was flagged and rolled back
+        assert len(result.flags) == result.attempts - 1
+    assert all(flag.verdict.unsafe for flag in result.flags)
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 10))
+@given(data=st.data())
+def test_care_on_every_bundled_tokenizer_returns_whole_characters_judged_clean(
+    care_guard, vocabulary_models, generator, data
+):
+    """CARE over every bundled tokenizer, multi-byte characters on the flag."""
+    first = "".join(data.draw(st.lists(st.sampled_from(CARE_FRAGMENTS), min_size=1, max_size=8)))
+    retries = [
+        "".join(data.draw(st.lists(st.sampled_from(RETRY_FRAGMENTS), min_size=1, max_size=4))) for _ in range(2)
+    ]
+    check_care(care_guard, vocabulary_models, *generator, [first, *retries], data.draw(st.integers(0, 2)))
+
+
+@pytest.mark.parametrize(
+    "text", ["ok \u5c4c bomb yes", "bomb  bomb bomb.", "ok \U0001fae0\U0001fae0 x", "\u5c4c\u5c4c", " \u5c4c bomb"]
+)
+def test_care_on_every_bundled_tokenizer_pinned(care_guard, vocabulary_models, generator, text):
+    """The issue's scripts and runs of flagged characters, out of retries at
+    once and with a retry that is flagged too."""
+    for max_retries in (0, 1):
+        check_care(care_guard, vocabulary_models, *generator, [text, " bomb bomb", "fine"], max_retries)
