@@ -350,6 +350,7 @@ class _GuardedRun:
             "stream": "prompt" if key is None else str(key),
             "risk_level": getattr(verdict, "risk_level", None),
             "category": getattr(verdict, "category", None),
+            "end_of_turn": error.flag is not None and error.flag.end_of_turn,
         }
         return kind(content=self.owner.refusal, response_metadata={"crossguard": metadata})
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from langchain_core.messages import AIMessageChunk
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from langchain_core.messages import AIMessageChunk, HumanMessage
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from adapter import GuardAdapter, SourceDecoder, ThinkMarkers
 from adapter.bundled_tokenizers import generator_tokenizer, qwen3_tokenizer, qwen3_tokenizer_path
@@ -25,9 +25,9 @@ from adapter.retokenize.boundaries import nfc_rearranged_spans
 from adapter.retokenize.ordinary import cached_ordinary_tokenizer
 from guard import StreamGuard
 from guard.testing import write_tiny_checkpoint
-from integrations.langchain import GuardedChatModel, GuardFlaggedError
-from integrations.transformers import guarded_generate
-from tests.test_langchain import scripted
+from integrations.langchain import GuardCallbackHandler, GuardedChatModel, GuardFlaggedError
+from integrations.transformers import GuardStoppingCriteria, guarded_generate
+from tests.test_langchain import chat_model, scripted
 from tests.test_source import encode, reference_decode
 from tests.tiny_generator import Scripted, tiny_mistral_vocabulary_llama
 
@@ -487,3 +487,64 @@ def test_care_on_every_bundled_tokenizer_pinned(care_guard, vocabulary_models, g
     once and with a retry that is flagged too."""
     for max_retries in (0, 1):
         check_care(care_guard, vocabulary_models, *generator, [text, " bomb bomb", "fine"], max_retries)
+
+
+# --- 6. Where and why, end of turn included, in every library result ------------------------
+
+
+@pytest.fixture(scope="module")
+def bye_guard(tmp_path_factory):
+    """The issue's wiring: " bye" and <|im_end|> are Unsafe: "Good bye" is
+    flagged by its end of turn only."""
+    ordinary = cached_ordinary_tokenizer(qwen3_tokenizer())
+    ids = [*ordinary.encode(" bye"), qwen3_tokenizer().token_to_id("<|im_end|>")]
+    return tiny_guard_flagging(tmp_path_factory.mktemp("bye"), *ids)
+
+
+def assert_flagged_at_the_end_of_turn_from(flag, index: int):
+    assert flag is not None and flag.end_of_turn and flag.index == index
+    verdict = flag.verdict
+    assert (verdict.risk_level, verdict.category, verdict.flagged_at) == ("Unsafe", "Violent", flag.position)
+
+
+def test_every_library_result_says_where_and_why_the_end_of_turn_flagged(bye_guard, mistral_model):
+    adapter = GuardAdapter(bye_guard.session())
+    adapter.moderate_prompt("Say goodbye")
+    pieces = adapter.push_text("Good") + adapter.push_text(" bye")
+    assert adapter.flag is None
+    pieces += adapter.finish()
+    assert_flagged_at_the_end_of_turn_from(adapter.flag, 1)
+    assert [(piece.flagged, piece.flagged_at_finish) for piece in pieces] == [(False, False), (True, True)]
+    assert adapter.flag.position == adapter.end_verdicts[0].position  # <|im_end|>
+    adapter.rollback(adapter.flag.rollback_to)
+    assert adapter.flag is None and not adapter.flagged
+
+    # transformers: the stopping criterion (and its streamer), after finish()
+    tokenizer = generator_tokenizer("mistral-v1")
+    script = encode(tokenizer, "Good bye")
+    stop = GuardStoppingCriteria(tokenizer, bye_guard, prompt="Say goodbye")
+    mistral_model.generate(
+        input_ids=torch.tensor([PROMPT_IDS]), max_new_tokens=len(script) + 2, do_sample=False,
+        eos_token_id=MISTRAL_EOS, logits_processor=LogitsProcessorList([Scripted(len(PROMPT_IDS), script)]),
+        stopping_criteria=StoppingCriteriaList([stop]),
+    )  # fmt: skip
+    assert stop.finish() == [True]
+    assert_flagged_at_the_end_of_turn_from(stop.flags[0], 1)
+    assert stop.streamers[0].flag == stop.flags[0]
+
+    # LangChain: the wrapper's error and its refusal, the handler's error
+    chunks = [AIMessageChunk(content="Good"), AIMessageChunk(content=" bye")]
+    with pytest.raises(GuardFlaggedError, match="at the end of turn, after ' bye': Unsafe") as raised:
+        list(GuardedChatModel(scripted(chunks), bye_guard).stream("Say goodbye"))
+    assert_flagged_at_the_end_of_turn_from(raised.value.flag, 1)
+    refused = [chunk for chunk in GuardedChatModel(scripted(chunks), bye_guard, refusal="No.").stream("Say goodbye")]
+    refusal = next(chunk for chunk in refused if chunk.content == "No.")
+    assert "".join(chunk.content for chunk in refused) == "GoodNo."
+    assert refusal.response_metadata["crossguard"]["end_of_turn"] is True
+    config = {"callbacks": [GuardCallbackHandler(bye_guard)]}
+    with pytest.raises(GuardFlaggedError, match="at the end of turn") as raised:
+        list(scripted(chunks).stream([HumanMessage("Say goodbye")], config=config))
+    assert_flagged_at_the_end_of_turn_from(raised.value.flag, 1)
+    with pytest.raises(GuardFlaggedError, match="at the end of turn") as raised:
+        chat_model("Good bye").invoke([HumanMessage("Say goodbye")], config=config)
+    assert_flagged_at_the_end_of_turn_from(raised.value.flag, 0)  # judged whole: one piece
