@@ -19,7 +19,9 @@ verdict of the **last guard token that starts before the piece's end**. That
 is the first moment the guard has seen all of the piece's text: a character
 that the guard's byte-level BPE splits into several tokens (a rare CJK
 character, many emoji, a ZWJ sequence) is seen only at its last token, and
-no earlier token would do. Guard tokens that the template adds stand where
+no earlier token would do; a guard token of a stretch that NFC reorders or
+composes starts where the stretch starts (see ``StableToken``), so a piece
+waits for every guard token holding any of its characters. Guard tokens that the template adds stand where
 the template puts them in the response text: the think block's newlines
 where its text begins and ends, ``</think>`` where the closing marker starts
 (so a generator's ``</think>`` token gets the guard's ``</think>`` verdict),
