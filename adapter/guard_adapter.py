@@ -21,14 +21,15 @@ that the guard's byte-level BPE splits into several tokens (a rare CJK
 character, many emoji, a ZWJ sequence) is seen only at its last token, and
 no earlier token would do; a guard token of a stretch that NFC reorders or
 composes starts where the stretch starts (see ``StableToken``), so a piece
-waits for every guard token holding any of its characters. Guard tokens that the template adds stand where
-the template puts them in the response text: the think block's newlines
-where its text begins and ends, ``</think>`` where the closing marker starts
-(so a generator's ``</think>`` token gets the guard's ``</think>`` verdict),
-the ``\\n\\n`` after it where the marker ends, and the end of turn after all
-the text (so it judges no piece). Text the guard never sees (leading
-newlines of the answer, markers, whitespace before an opening marker) is
-judged by the guard token before it, or gets None before any. A piece is
+waits for every guard token holding any of its characters. Guard tokens
+that the template adds stand where the template puts them in the response
+text: the think block's newlines where its text begins and ends,
+``</think>`` where the closing marker starts (so a generator's ``</think>``
+token gets the guard's ``</think>`` verdict), the ``\\n\\n`` after it where
+the marker ends, and the end of turn after all the text (so it judges no
+piece). Text the guard never sees (leading newlines of the answer, markers,
+whitespace before an opening marker) is judged by the guard token before
+it, or gets None before any. A piece is
 released once no guard token can still start before its end. Pieces with no
 text (a BOS, an EOS) take the verdict current when they are released.
 ``finish`` releases everything. Each judged piece records its lag: how many
