@@ -135,6 +135,8 @@ def nfc_rearranged_spans(text: str) -> list[tuple[int, int]]:
     stretch a normalized character may hold any of its raw characters; outside
     of them alignment is exact (nothing changes).
     """
+    if unicodedata.is_normalized("NFC", text):  # nearly all text: nothing to find
+        return []
     stretches: list[list[int]] = []
     for match in _MAY_COMBINE.finditer(text):
         position = match.start()
