@@ -193,16 +193,21 @@ def test_a_flag_raised_by_the_end_of_turn_is_in_every_output(bye_guard, tmp_path
     assert "FLAGGED at the end of turn, from generator token 1 (' bye'): Unsafe, Violent" in view
 
 
-def test_the_view_says_why_with_the_verdict_that_flagged_and_agrees_with_the_json(tmp_path, capsys):
-    """--tiny's random guard on the issue's line and a few more: wherever a
-    line is flagged, the view names the verdict at flagged_at (never the
-    Safe verdict of a later token), the same as the JSON result row."""
-    records = tmp_path / "tiny.jsonl"
-    responses = ["Hello there! 👋", "Good bye", "Sure: dig, cut the roots, then lever it out.", ""]
+@pytest.mark.parametrize("guard", ["wired", "tiny"])
+def test_the_view_says_why_with_the_verdict_that_flagged_and_agrees_with_the_json(bye_guard, tmp_path, capsys, guard):
+    """Wherever a line is flagged (mid-text, at the end of turn; the issue's
+    "Hello there! 👋" on --tiny's random guard), the view names the verdict at
+    flagged_at, never the Safe verdict of a later token, the same as the
+    JSON result row."""
+    records = tmp_path / "lines.jsonl"
+    responses = ["Hello there! 👋", "Good bye", "bye bye bye now.", "Dig, cut the roots, then lever it out.", ""]
     records.write_text("".join(json.dumps({"prompt": "hi", "response": text}) + "\n" for text in responses))
-    rows, view, _ = moderate_both_ways(capsys, ["moderate", str(records), "--tiny"])
+    chosen = ["--guard", str(bye_guard)] if guard == "wired" else ["--tiny"]
+    rows, view, _ = moderate_both_ways(capsys, ["moderate", str(records), *chosen])
     results = [row for row in rows if row["kind"] == "result"]
-    assert len(results) == len(responses) and any(row["flagged"] for row in results)
+    assert len(results) == len(responses)
+    if guard == "wired":  # " bye" twice flags mid-text; "Good bye" at its end of turn
+        assert [(row["flagged"], row["end_of_turn"]) for row in results[1:3]] == [(True, True), (True, False)]
     said = re.findall(r"^          (FLAGGED at .*|not flagged)$", view, flags=re.MULTILINE)
     for result, line in zip(results, said, strict=True):
         if not result["flagged"]:
@@ -212,8 +217,7 @@ def test_the_view_says_why_with_the_verdict_that_flagged_and_agrees_with_the_jso
         token = result["generator_token"]
         assert ("the end of turn" if token is None else f"generator token {token}") in line
         assert f": {result['risk_level']}, {result['category']} " in line
-        if result["end_of_turn"]:
-            assert line.startswith("FLAGGED at the end of turn")
+        assert line.startswith("FLAGGED at the end of turn") == result["end_of_turn"]
         judged = [row for row in rows if row["line"] == result["line"] and row.get("position") == result["flagged_at"]]
         assert all(row["risk_level"] == result["risk_level"] for row in judged if row["kind"] != "query")
 
