@@ -11,12 +11,13 @@ from adapter.errors import (
     TokenIdError,
     UnsupportedTokenizerError,
 )
-from adapter.guard_adapter import GuardAdapter, JudgedPiece
+from adapter.guard_adapter import Flag, GuardAdapter, JudgedPiece
 from adapter.reasoning import ThinkMarkers
 from adapter.source import SourceDecoder, SourcePiece
 
 __all__ = [
     "AdapterError",
+    "Flag",
     "GuardAdapter",
     "JudgedPiece",
     "RollbackError",

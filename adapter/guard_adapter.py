@@ -19,14 +19,17 @@ verdict of the **last guard token that starts before the piece's end**. That
 is the first moment the guard has seen all of the piece's text: a character
 that the guard's byte-level BPE splits into several tokens (a rare CJK
 character, many emoji, a ZWJ sequence) is seen only at its last token, and
-no earlier token would do. Guard tokens that the template adds stand where
-the template puts them in the response text: the think block's newlines
-where its text begins and ends, ``</think>`` where the closing marker starts
-(so a generator's ``</think>`` token gets the guard's ``</think>`` verdict),
-the ``\\n\\n`` after it where the marker ends, and the end of turn after all
-the text (so it judges no piece). Text the guard never sees (leading
-newlines of the answer, markers, whitespace before an opening marker) is
-judged by the guard token before it, or gets None before any. A piece is
+no earlier token would do; a guard token of a stretch that NFC reorders or
+composes starts where the stretch starts (see ``StableToken``), so a piece
+waits for every guard token holding any of its characters. Guard tokens
+that the template adds stand where the template puts them in the response
+text: the think block's newlines where its text begins and ends,
+``</think>`` where the closing marker starts (so a generator's ``</think>``
+token gets the guard's ``</think>`` verdict), the ``\\n\\n`` after it where
+the marker ends, and the end of turn after all the text (so it judges no
+piece). Text the guard never sees (leading newlines of the answer, markers,
+whitespace before an opening marker) is judged by the guard token before
+it, or gets None before any. A piece is
 released once no guard token can still start before its end. Pieces with no
 text (a BOS, an EOS) take the verdict current when they are released.
 ``finish`` releases everything. Each judged piece records its lag: how many
@@ -38,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +56,7 @@ from adapter.source import SourceDecoder, SourcePiece, token_id_list
 if TYPE_CHECKING:  # types only: adapter does not need torch to import
     from guard import GuardSession, Verdict
 
-__all__ = ["GuardAdapter", "JudgedPiece", "ThinkMarkers"]
+__all__ = ["Flag", "GuardAdapter", "JudgedPiece", "ThinkMarkers"]
 
 GuardObserver = Callable[[list[StableToken], list["Verdict"]], None]
 Stream = Literal["main", "reasoning"]
@@ -86,6 +90,32 @@ class JudgedPiece:
     @property
     def flagged(self) -> bool:
         return (self.verdict is not None and self.verdict.flagged) or self.flagged_at_finish
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """Where and why the debounced policy flagged a response.
+
+    The policy flags at the second of two consecutive guard tokens that agree
+    (``position``, the verdicts' ``flagged_at``); ``verdict`` is that token's
+    verdict, whose ``risk_level`` and ``category`` say why. ``index`` is the
+    first source piece of the flagged stretch (the first one the guard token
+    before ``position`` judged, the first a withholding stream never shows),
+    None when no piece holds it: the end of turn alone flagged the response
+    (``<|im_end|>`` and the ``\\n`` after it). ``end_of_turn``: the flag came
+    at the end of turn, raised by ``finish()`` (the answer's last token and
+    ``<|im_end|>``, or the two end-of-turn tokens). ``rollback_to``: where the
+    CARE pattern rolls back to (``adapter.rollback(flag.rollback_to)``) so that
+    the flagged stretch is gone and no character is cut: the start of the
+    generator token that begins the stretch's first character (the last piece
+    for a flag the end of turn alone raised).
+    """
+
+    position: int
+    verdict: Verdict
+    index: int | None
+    end_of_turn: bool
+    rollback_to: int
 
 
 def _single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -188,9 +218,16 @@ class GuardAdapter:
         self._ready: list[JudgedPiece] = []  # judged, not yet returned to the caller
         self._call_lock = threading.Lock()  # async calls run in worker threads
         # Per judged piece: the guard token (ordinal in the response) that
-        # judged it, -1 for none. Rollback re-opens pieces whose judge it drops.
+        # judged it (-1 for none), its end, and the moment it was released
+        # (source pieces routed by then; one more in finish()). A rollback
+        # keeps a piece only if both are kept: its judge, and the history it
+        # was released in (text after a piece can release it: the rest of a
+        # marker it was held for, a later word that made its token final).
         self._judges = array("q")
         self._judge_ends = array("q")
+        self._released_at = array("q")
+        self._routed = 0  # source pieces whose text went in, in index order
+        self._finishing = False
         self._verdicts: list[Verdict] = []  # one per guard token of the response, template tokens included
         self._end_verdicts: list[Verdict] = []
         self._finished = False
@@ -230,6 +267,35 @@ class GuardAdapter:
         """Guard tokens of the response judged so far, the template's
         included: ``session.position == session.response_start + guard_tokens``."""
         return len(self._verdicts)
+
+    @property
+    def flag(self) -> Flag | None:
+        """Where and why the response was flagged (None while it is not)."""
+        session = self.session
+        position = session.flagged_at
+        if position is None:
+            return None
+        ordinal = position - session.response_start
+        verdict = self._verdicts[ordinal]
+        end_of_turn = bool(self._end_verdicts) and ordinal >= len(self._verdicts) - len(self._end_verdicts)
+        # Judges are released in order, so they never decrease.
+        first = bisect_left(self._judges, ordinal - 1)
+        if first < len(self._judges):
+            index: int | None = first
+        else:
+            index = self._pending[0].index if self._pending else None
+        last = index if index is not None else max(self._pushed - 1, 0)
+        return Flag(position, verdict, index, end_of_turn, self.character_start(last))
+
+    def character_start(self, index: int) -> int:
+        """The last source index at or before ``index`` where no character is
+        cut: ``index``, unless generator token ``index - 1`` holds the first
+        bytes of a character a later token completes (then the token that
+        began it; text deltas are whole characters). Roll back there to take
+        back a whole character."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= self._pushed:
+            raise RollbackError(f"no source piece {index!r}: {self._pushed} were pushed")
+        return index if self._decoder is None else self._decoder.character_start(index)
 
     @property
     def end_verdicts(self) -> list[Verdict]:
@@ -345,7 +411,9 @@ class GuardAdapter:
         Returns how many source pieces keep their verdicts. The pieces from
         there up to ``index`` are judged again, by the guard tokens that come
         next: their old verdict came from guard tokens that the rollback took
-        back (a word is only final once the text after it is known).
+        back (a word is only final once the text after it is known), or was
+        given once text after ``index`` had arrived (text held as the start of
+        a think marker is judged only once the marker is complete or is not).
         """
         # Everything that can refuse is checked before anything changes.
         if self._guard_error is not None:
@@ -400,7 +468,7 @@ class GuardAdapter:
 
         judged = min(len(self._judges), kept_pieces)
         kept = 0
-        while kept < judged and self._judges[kept] < kept_tokens:
+        while kept < judged and self._judges[kept] < kept_tokens and self._released_at[kept] <= index:
             kept += 1
         starts = [self._judge_ends[i - 1] if i else 0 for i in range(kept, judged)]
         reopened = [
@@ -409,9 +477,10 @@ class GuardAdapter:
         ]
         waiting = [piece for piece in self._pending if piece.index < kept_pieces]
         self._pending = deque(reopened + waiting)
-        del self._judges[kept:], self._judge_ends[kept:]
+        del self._judges[kept:], self._judge_ends[kept:], self._released_at[kept:]
         self._ready = [piece for piece in self._ready if piece.index < kept]
         self._pushed = index
+        self._routed = kept_pieces
         self._finished = False
         return kept
 
@@ -511,6 +580,7 @@ class GuardAdapter:
         self._apply(self._splitter.text("", stream))
 
     def _finish_with(self, pieces: list[tuple[SourcePiece, Stream]]) -> list[JudgedPiece]:
+        self._finishing = True
         try:
             for piece, stream in pieces:
                 self._route(piece, stream)
@@ -523,6 +593,7 @@ class GuardAdapter:
             self._end_verdicts = self._judge_control("end", at, at)
         finally:
             self._release(self._frontier())
+            self._finishing = False
         self._finished = True
         if self.session.flagged and not flagged_before:  # the end of turn raised the flag
             self._ready = [
@@ -548,6 +619,7 @@ class GuardAdapter:
         return judged
 
     def _route(self, piece: SourcePiece, stream: Stream) -> None:
+        self._routed = piece.index + 1
         self._log.append(piece.text)
         self._pending.append(piece)
         ops = self._splitter.text(piece.text, stream)
@@ -650,6 +722,7 @@ class GuardAdapter:
             self._ready.append(JudgedPiece(piece.index, piece.text, piece.start, piece.end, verdict, lag, reasoning))
             self._judges.append(judge)
             self._judge_ends.append(piece.end)
+            self._released_at.append(self._routed + self._finishing)
 
     def _replay(self, length: int) -> ResponseSplitter:
         """A fresh splitter fed the kept text: the state a stream of the kept

@@ -93,6 +93,10 @@ class _Codec(Protocol):
 
     def restore(self, state: object) -> None: ...
 
+    def mid_character(self) -> bool:
+        """Whether the bytes fed so far end inside a character (a rollback
+        to here would leave the start of a character, decoded as U+FFFD)."""
+
 
 class _PendingPieces:
     """Tokens fed but not resolved yet, with the text each has so far."""
@@ -155,6 +159,9 @@ class _ByteLevelCodec:
         self._decoder.reset()
         self._pending = _PendingPieces()
 
+    def mid_character(self) -> bool:
+        return bool(self._decoder.getstate()[0])
+
 
 # ---------------------------------------------------------------------------
 # SentencePiece converted to `tokenizers` (Mistral, Llama 2, Gemma fast
@@ -172,6 +179,7 @@ class _ByteFallbackCodec:
         self._strip, self._strip_count = strip, strip_count
         self._to_strip = strip_count
         self._run: list[tuple[int, int]] = []  # (index, byte) of the open byte run
+        self._run_characters = codecs.getincrementaldecoder("utf-8")("replace")  # where the run's characters end
         self._pending = _PendingPieces()
 
     def _stripped(self, text: str) -> str:
@@ -196,12 +204,14 @@ class _ByteFallbackCodec:
         for item, text in zip(self._pending.items, texts, strict=False):
             item[1] = self._stripped(text)
         self._run.clear()
+        self._run_characters.reset()
         return self._pending.take_all()
 
     def feed(self, index: int, token_id: int) -> Resolved:
         unit = self._units[token_id]
         if isinstance(unit, int):
             self._run.append((index, unit))
+            self._run_characters.decode(bytes([unit]))
             self._pending.add(index)
             return []
         if unit is None and self._run:
@@ -223,7 +233,11 @@ class _ByteFallbackCodec:
         assert isinstance(state, int)
         self._to_strip = state
         self._run.clear()
+        self._run_characters.reset()
         self._pending = _PendingPieces()
+
+    def mid_character(self) -> bool:
+        return bool(self._run_characters.getstate()[0])
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +321,9 @@ class _SentencePieceCodec:
         self._expect_bos_space, self._bos_space_seen, self._text_started = state  # type: ignore[misc]
         self._bytes.clear()
         self._pending = _PendingPieces()
+
+    def mid_character(self) -> bool:
+        return bool(self._bytes)
 
 
 def _sentencepiece_codec(processor: Any) -> Callable[[], _Codec]:
@@ -495,6 +512,8 @@ class SourceDecoder:
         self._quiet_lengths = array("q", [0])
         self._interned_states: dict[object, object] = {}
         self._quiet_states: list[object] = [self._intern(self._codec.quiet_state())]
+        # Per token count k: 1 when ids[:k] end between two characters.
+        self._between_characters = bytearray(b"\x01")
         self._finished = False
 
     @property
@@ -540,6 +559,7 @@ class SourceDecoder:
             index = len(self._ids)
             self._ids.append(token_id)
             pieces += self._pieces(self._codec.feed(index, token_id))
+            self._between_characters.append(not self._codec.mid_character())
             state = self._codec.quiet_state()
             if state is not None:
                 self._quiet_indices.append(index + 1)
@@ -568,12 +588,24 @@ class SourceDecoder:
         state = self._quiet_states[keep - 1]
         replay = self._ids[quiet_index:index].tolist()
         del self._quiet_indices[keep:], self._quiet_lengths[keep:], self._quiet_states[keep:]
-        del self._ids[quiet_index:], self._ends[quiet_index:]
+        del self._ids[quiet_index:], self._ends[quiet_index:], self._between_characters[quiet_index + 1 :]
         self._codec.restore(state)
         self._finished = False
         assert self.text_length == text_length
         self.push(replay)  # replays at most the few ids of one unfinished character or byte run
         return len(self._ends)
+
+    def character_start(self, index: int) -> int:
+        """The last token count at or before ``index`` where the ids end
+        between two characters: ``index`` itself, unless token ``index - 1``
+        holds the first bytes of a character that a later token completes
+        (a byte-fallback or byte-level run), then the token that began it.
+        Rolling back there never leaves part of a character behind."""
+        if not 0 <= index <= len(self._ids):
+            raise RollbackError(f"no token {index}: the response holds {len(self._ids)} tokens")
+        while not self._between_characters[index]:
+            index -= 1
+        return index
 
     def _intern(self, state: object) -> object:
         # Quiet states repeat (a few flags); keep one object per distinct one.

@@ -239,17 +239,31 @@ def read_jobs(lines: Iterable[bytes | str], generator: Any) -> list[Job]:
 # --- moderation -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Moderation:
+    """One judged conversation: the query verdict, the judged generator
+    tokens and their ids, the end of turn (``<|im_end|>`` and ``\\n``, as
+    (Qwen3 id, verdict) pairs) and where and why the response was flagged
+    (an ``adapter.Flag``, None if it was not)."""
+
+    query: Any
+    pieces: list
+    ids: list[int]
+    end_of_turn: list[tuple[int, Any]]
+    flag: Any
+
+
 def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progress: Any = None,
-                    ids: list[int] | None = None, engine: Any = None):  # fmt: skip
-    """(query verdict, judged pieces, generator ids) for one recorded
-    conversation, streamed one generator token at a time as a live model
-    would produce it. Raises LineError (or the library's error) when the
-    conversation cannot be judged."""
+                    ids: list[int] | None = None, engine: Any = None) -> Moderation:  # fmt: skip
+    """One recorded conversation, streamed one generator token at a time as
+    a live model would produce it, then its end of turn. Raises LineError
+    (or the library's error) when the conversation cannot be judged."""
     from adapter import GuardAdapter
     from adapter.bundled_tokenizers import decode_ids, encode_text
     from adapter.errors import TokenIdError as AdapterTokenIdError
     from adapter.retokenize import encode_ordinary
     from guard import ContextLengthError
+    from guard.template import end_of_turn_ids
 
     if ids is None:
         ids = record.get("response_ids")
@@ -297,7 +311,8 @@ def moderate_record(guard: Any, generator: Any, record: dict, policy: Any, progr
             ) from None
         except AdapterTokenIdError as error:
             raise LineError(f"'response_ids': {error}") from None
-    return query, pieces, ids
+        end_ids = end_of_turn_ids(guard.tokenizer)
+        return Moderation(query, pieces, ids, list(zip(end_ids, adapter.end_verdicts, strict=True)), adapter.flag)
 
 
 def _decoded(decode_ids: Any, generator: Any, ids: list[int]) -> str | None:
@@ -340,14 +355,60 @@ def token_fields(index: int | None, generator_id: int | None, text: str, start: 
 _to_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) builds one per call
 
 
-def print_json(number: int, query: Any, pieces: list, out: TextIO, ids: list[int] | None = None) -> None:
-    rows = [_to_json({"line": number, "kind": "query", **verdict_fields(query)})]
-    for piece in pieces:
-        generator_id = ids[piece.index] if ids is not None and piece.index < len(ids) else None
-        row = {"line": number, "kind": "token", **token_fields(piece.index, generator_id, piece.text, piece.start,
-               piece.end), "lag": piece.lag, **verdict_fields(piece.verdict)}  # fmt: skip
+def qwen3_token_names(ids: list[int]) -> list[str]:
+    """The guard's token strings of these Qwen3 ids (as ``bridge`` shows them)."""
+    from adapter.bundled_tokenizers import qwen3_tokenizer
+
+    return [qwen3_tokenizer().id_to_token(token_id) for token_id in ids]
+
+
+def flag_fields(flag: Any, pieces: list, ids: list[int] | None) -> dict:
+    """The keys of a ``result`` row: whether the response was flagged, where
+    (the first generator token of the flagged stretch, null when the end of
+    turn alone flagged it; ``end_of_turn``: the flag came at the end of turn)
+    and why (the verdict at ``flagged_at``, the second of the two guard tokens
+    that agreed)."""
+    piece = None
+    if flag is not None and flag.index is not None:
+        piece = next((piece for piece in pieces if piece.index == flag.index), None)
+    where = (
+        token_fields(piece.index, _generator_id(ids, piece.index), piece.text, piece.start, piece.end)
+        if piece is not None
+        else token_fields(None, None, "", None, None)
+    )
+    return {
+        **where,
+        "end_of_turn": flag is not None and flag.end_of_turn,
+        **verdict_fields(None if flag is None else flag.verdict),
+        "flagged": flag is not None,
+    }
+
+
+def _generator_id(ids: list[int] | None, index: int) -> int | None:
+    return ids[index] if ids is not None and index < len(ids) else None
+
+
+def print_json(number: int, result: Moderation, out: TextIO) -> None:
+    """A line's rows: its query, each generator token, each end-of-turn
+    guard token, then the result (see the README's command-line section)."""
+    rows = [_to_json({"line": number, "kind": "query", **verdict_fields(result.query)})]
+    for piece in result.pieces:
+        fields = token_fields(piece.index, _generator_id(result.ids, piece.index), piece.text, piece.start, piece.end)
+        row = {"line": number, "kind": "token", **fields, "lag": piece.lag, **verdict_fields(piece.verdict),
+               "flagged_at_finish": piece.flagged_at_finish}  # fmt: skip
         rows.append(_to_json(row))
+    for qwen_id, verdict in result.end_of_turn:
+        rows.append(_to_json({"line": number, "kind": "end_of_turn", **end_of_turn_fields([qwen_id]),
+                              **verdict_fields(verdict)}))  # fmt: skip
+    rows.append(_to_json({"line": number, "kind": "result", **flag_fields(result.flag, result.pieces, result.ids)}))
     out.write("\n".join(rows) + "\n")
+
+
+def end_of_turn_fields(qwen_ids: list[int]) -> dict:
+    """The keys an ``end_of_turn`` row shares with ``bridge``'s rows: no
+    generator token holds these guard tokens."""
+    names = qwen3_token_names(qwen_ids)
+    return {**token_fields(None, None, "", None, None), "qwen_ids": qwen_ids, "qwen_tokens": names}
 
 
 def print_error(number: int, message: str, out: TextIO, as_json: bool) -> None:
@@ -357,10 +418,10 @@ def print_error(number: int, message: str, out: TextIO, as_json: bool) -> None:
         out.write(f"── line {number} ──\nerror:    {message}\n")
 
 
-def _paint(text: str, verdict: Any, colour: bool) -> str:
+def _paint(text: str, verdict: Any, colour: bool, flagged: bool = False) -> str:
     if not colour or verdict is None:
         return text
-    return (_INVERSE if verdict.flagged else "") + _COLOURS.get(verdict.risk_level, "") + text + _RESET
+    return (_INVERSE if verdict.flagged or flagged else "") + _COLOURS.get(verdict.risk_level, "") + text + _RESET
 
 
 def colour_legend() -> str:
@@ -370,21 +431,30 @@ def colour_legend() -> str:
             f"policy; plain = no verdict yet")  # fmt: skip
 
 
-def print_view(number: int, record: dict, query: Any, pieces: list, out: TextIO, colour: bool) -> None:
+def describe_flag(flag: Any, pieces: list) -> str:
+    """Where and why, in words: the first generator token of the flagged
+    stretch (or the end of turn) and the verdict that raised the flag."""
+    if flag is None:
+        return "not flagged"
+    piece = next((piece for piece in pieces if piece.index == flag.index), None) if flag.index is not None else None
+    where = f"generator token {piece.index} ({piece.text!r})" if piece is not None else "the end of turn (<|im_end|>)"
+    if flag.end_of_turn and piece is not None:
+        where = f"the end of turn, from {where}"
+    why = flag.verdict.risk_level + ("" if flag.verdict.category is None else f", {flag.verdict.category}")
+    return f"FLAGGED at {where}: {why} (guard position {flag.position})"
+
+
+def print_view(number: int, record: dict, result: Moderation, out: TextIO, colour: bool) -> None:
     prompt = record["prompt"]
     if not isinstance(prompt, str):
         prompt = prompt[-1].get("content") or ""
         prompt = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    query, pieces = result.query, result.pieces
+    response = "".join(_paint(piece.text, piece.verdict, colour, piece.flagged) for piece in pieces)
     lines = [f"── line {number} ──", f"prompt:   {_paint(prompt, query, colour)}",
              f"          query verdict {query.risk_level} ({query.risk_prob:.2f})"
              f"{'' if query.category is None else ', ' + query.category}",
-             "response: " + "".join(_paint(piece.text, piece.verdict, colour) for piece in pieces)]  # fmt: skip
-    flagged = next((piece for piece in pieces if piece.flagged), None)
-    if flagged is None:
-        lines.append("          not flagged")
-    else:
-        lines.append(f"          FLAGGED at generator token {flagged.index} ({flagged.text!r}): "
-                     f"{flagged.verdict.risk_level}, {flagged.verdict.category}")  # fmt: skip
+             "response: " + response, "          " + describe_flag(result.flag, pieces)]  # fmt: skip
     lags = sorted(piece.lag for piece in pieces)
     if lags:
         lines.append(f"          lag in generator tokens: median {lags[len(lags) // 2]}, max {lags[-1]}")
@@ -478,13 +548,12 @@ def run_moderation(guard: Any, generator: Any, jobs: list[Job], args: argparse.N
                 failed.append(job.line)
                 print_error(job.line, error, out, args.json)
             else:
-                query, pieces, ids = result
                 judged += 1
-                flagged += any(piece.flagged for piece in pieces)
+                flagged += result.flag is not None
                 if args.json:
-                    print_json(job.line, query, pieces, out, ids)
+                    print_json(job.line, result, out)
                 else:
-                    print_view(job.line, job.record, query, pieces, out, colour)
+                    print_view(job.line, job.record, result, out, colour)
             out.flush()
             if progress is not None:
                 progress.refresh()
@@ -610,11 +679,23 @@ def _bridge(args: argparse.Namespace) -> int:
     for piece in decoder.flush():
         show("token", piece, retokenizer.push(piece.text))
     show("flush", None, retokenizer.flush())
+    # What the guard receives after the text, as upstream's template closes the turn.
+    for qwen_id in bridge_end_of_turn_ids(guard_vocabulary):
+        row = {"kind": "end_of_turn", **end_of_turn_fields([qwen_id]), "held_text": ""}
+        print(json.dumps(row, ensure_ascii=False) if args.json else _bridge_row(row))
     return 0
 
 
+def bridge_end_of_turn_ids(guard_vocabulary: Any) -> list[int]:
+    """``<|im_end|>`` and ``\\n``: guard.template.end_of_turn_ids (a test
+    checks), spelled out so that the bridge does not import torch."""
+    from adapter.retokenize import encode_ordinary
+
+    return [guard_vocabulary.token_to_id("<|im_end|>"), *encode_ordinary(guard_vocabulary, "\n")]
+
+
 def _bridge_row(row: dict) -> str:
-    step = "flush" if row["kind"] == "flush" else f"id {row['generator_id']}"
+    step = {"flush": "flush", "end_of_turn": "end of turn"}.get(row["kind"], f"id {row['generator_id']}")
     index = "" if row["generator_token"] is None else f"#{row['generator_token']:<4}"
     released = " ".join(f"{i}:{t!r}" for i, t in zip(row["qwen_ids"], row["qwen_tokens"], strict=True))
     return f"{step:>12} {index:>5} {row['text']!r:<14} → {released or '-':<40} held {row['held_text']!r}"

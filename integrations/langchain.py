@@ -59,7 +59,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
     raise ImportError(f"the LangChain integration needs langchain-core: {install_hint('langchain')}") from error
 
-from adapter import JudgedPiece
+from adapter import Flag, JudgedPiece
 from integrations.streams import GuardStreams, StreamKey, first_flagged
 from integrations.withhold import StreamGate
 
@@ -94,7 +94,9 @@ class GuardFlaggedError(RuntimeError):
     blocked prompt, the query verdict. ``pieces``: the judged pieces of the
     flagged stream; ``stream``: which one (a ``StreamKey``; None for the
     prompt); ``text``: the text of the guard tokens that flagged (None for
-    the prompt).
+    the prompt); ``flag``: where and why (an ``adapter.Flag``: the first
+    piece of the flagged stretch, whether the end of turn raised it; None
+    for the prompt).
     """
 
     def __init__(
@@ -105,12 +107,14 @@ class GuardFlaggedError(RuntimeError):
         stream: StreamKey | None = None,
         verdict=None,
         text: str | None = None,
+        flag: Flag | None = None,
     ):
         super().__init__(message)
         self.pieces = pieces
         self.stream = stream
         self.verdict = verdict
         self.text = text
+        self.flag = flag
 
 
 class GuardSetupError(RuntimeError):
@@ -245,18 +249,22 @@ def _describe(verdict: Any) -> str:
 
 def _flagged_error(streams: GuardStreams, key: StreamKey, verdict: Any, piece: JudgedPiece | None = None):
     text = streams.flagged_text(key)
+    flag = streams.open(key).flag if key in streams.keys else None
     if text is not None:
         where = repr(text)
     elif piece is not None:
         where = repr(piece.text)
     else:
         where = f"the end of {streams.text(key)[-40:]!r}"
+    if flag is not None and flag.end_of_turn:
+        where = f"the end of turn, after {where}"
     return GuardFlaggedError(
         f"the guard flagged the response ({key}) at {where}: {_describe(verdict)}",
         streams.pieces.get(key, []),
         stream=key,
         verdict=verdict,
         text=text,
+        flag=flag,
     )
 
 
@@ -344,6 +352,7 @@ class _GuardedRun:
             "stream": "prompt" if key is None else str(key),
             "risk_level": getattr(verdict, "risk_level", None),
             "category": getattr(verdict, "category", None),
+            "end_of_turn": error.flag is not None and error.flag.end_of_turn,
         }
         return kind(content=self.owner.refusal, response_metadata={"crossguard": metadata})
 

@@ -52,7 +52,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from adapter import GuardAdapter, JudgedPiece, SourceDecoder, SourcePiece
+from adapter import Flag, GuardAdapter, JudgedPiece, SourceDecoder, SourcePiece
 from integrations.withhold import Withholder
 
 __all__ = [
@@ -303,6 +303,12 @@ class GuardedStreamer(BaseStreamer):
     @property
     def flagged(self) -> bool:
         return self.adapter.flagged
+
+    @property
+    def flag(self) -> Flag | None:
+        """Where and why the response was flagged (an ``adapter.Flag``;
+        None while it is not), the end of turn included once it ended."""
+        return self.adapter.flag
 
     @property
     def should_stop(self) -> bool:
@@ -667,6 +673,12 @@ class GuardStoppingCriteria(StoppingCriteria):
         return [streamer.adapter.flagged for streamer in self.streamers]
 
     @property
+    def flags(self) -> list[Flag | None]:
+        """Per row: where and why it was flagged (an ``adapter.Flag``, None
+        if it was not), the end of turn included after ``finish()``."""
+        return [streamer.adapter.flag for streamer in self.streamers]
+
+    @property
     def query_verdicts(self) -> list[Any]:
         """Per row: the guard's verdict on the prompt."""
         return [streamer.adapter.session.query_verdict for streamer in self.streamers]
@@ -800,40 +812,28 @@ class GuardStoppingCriteria(StoppingCriteria):
 @dataclass
 class GuardedGeneration:
     """What ``guarded_generate`` produced. Its repr leaves out the ids and the
-    judged pieces (one verdict per generator token: tens of kB to print)."""
+    judged pieces (one verdict per generator token: tens of kB to print).
+
+    ``text`` (the generator's ``ids``, decoded) is judged clean through its
+    end of turn: the guard, judging it afresh as the whole answer, does not
+    flag it. ``flagged``: the retries ran out and ``text`` stops where the
+    last flagged stretch began (before any character of it). ``flags``: every
+    flag raised on the way, in order (``Flag``: where, as the generator token
+    index in the attempt that raised it, and why, its verdict); each one was
+    rolled back.
+    """
 
     text: str
     ids: list[int] = field(repr=False)
     query_verdict: Any
     pieces: list[JudgedPiece] = field(default_factory=list, repr=False)
     attempts: int = 1
-    flagged: bool = False  # still flagged after the last retry: the text stops before the flagged part
+    flagged: bool = False
+    flags: list[Flag] = field(default_factory=list)
 
 
-def _flag_position(pieces: list[JudgedPiece], adapter: Any = None) -> int | None:
-    """Guard position where the debounced policy flagged: from a flagged
-    piece, else from the session (a piece is judged only once the guard has
-    seen all of its text, so the session can be flagged before any piece)."""
-    position = next((piece.verdict.flagged_at for piece in pieces if piece.flagged), None)
-    if position is None and adapter is not None:
-        session = adapter.session
-        position = getattr(session, "flagged_at", None)
-        if position is None:
-            position = getattr(getattr(session, "_debouncer", None), "flagged_at", None)
-    return position
-
-
-def _first_unsafe_piece(pieces: list[JudgedPiece], adapter: Any = None, flagged_at: int | None = None) -> int:
-    """Source index where the flagged stretch begins: the first piece judged
-    by the guard token before the flag's position (debounce needs two in a
-    row); without such a piece, the last piece judged. Never raises."""
-    if flagged_at is None:
-        flagged_at = _flag_position(pieces, adapter)
-    if flagged_at is not None:
-        for piece in pieces:
-            if piece.verdict is not None and piece.verdict.position >= flagged_at - 1:
-                return piece.index
-    return pieces[-1].index if pieces else 0
+def _text(pieces: list[JudgedPiece]) -> str:
+    return "".join(piece.text for piece in pieces)
 
 
 def _prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -880,19 +880,23 @@ def guarded_generate(
         input_ids = _prompt_ids(tokenizer, messages)
     else:
         input_ids = [int(token_id) for token_id in input_ids]
-    watch: dict[str, int | None] = {"flagged_at": None}
-
-    def observe(tokens: list, verdicts: list) -> None:
-        if watch["flagged_at"] is None:
-            watch["flagged_at"] = next((v.flagged_at for v in verdicts if v.flagged), None)
-
     session = guard.session(policy)
     try:
-        adapter = GuardAdapter(session, tokenizer, on_guard_tokens=observe)
+        adapter = GuardAdapter(session, tokenizer)
         query_verdict = adapter.moderate_prompt(messages)
         generated: list[int] = []
         judged: list[JudgedPiece] = []
+        flags: list[Flag] = []
         device = next(model.parameters()).device
+
+        def roll_back_the_flag() -> None:
+            nonlocal generated, judged
+            flag = adapter.flag
+            flags.append(flag)
+            kept = adapter.rollback(flag.rollback_to)  # the stretch's first whole character, and all after it
+            generated = generated[: flag.rollback_to]
+            judged = [piece for piece in judged if piece.index < kept]  # the rest are judged again
+
         attempts = 0
         while True:
             attempts += 1
@@ -912,19 +916,18 @@ def guarded_generate(
             list(streamer)  # drain; raises GuardFailure if the guard failed (fail closed)
             generated += streamer.generated
             judged += streamer.judged
-            if not adapter.flagged:
-                break
-            start = _first_unsafe_piece(judged, adapter, watch["flagged_at"])
-            kept = adapter.rollback(start)
-            if not adapter.flagged:
-                watch["flagged_at"] = None
-            generated = generated[:start]
-            judged = [piece for piece in judged if piece.index < kept]  # the rest are judged again
+            if not adapter.flagged:  # the streamer's end() judged the end of turn too
+                return GuardedGeneration(_text(judged), generated, query_verdict, judged, attempts, flags=flags)
+            roll_back_the_flag()
             if attempts > max_retries:
-                judged += adapter.finish()
-                return GuardedGeneration(
-                    "".join(p.text for p in judged), generated, query_verdict, judged, attempts, flagged=True
-                )
-        return GuardedGeneration("".join(p.text for p in judged), generated, query_verdict, judged, attempts)
+                break
+        # Out of retries: what is kept must itself be clean through its end of
+        # turn. The end of turn can flag the kept text's last words again:
+        # take them back too, until it is clean (or nothing is left).
+        judged += adapter.finish()
+        while adapter.flagged and generated:
+            roll_back_the_flag()
+            judged += adapter.finish()
+        return GuardedGeneration(_text(judged), generated, query_verdict, judged, attempts, flagged=True, flags=flags)
     finally:
         session.close()

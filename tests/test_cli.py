@@ -52,7 +52,9 @@ def test_moderate_jsonl_prints_one_json_line_per_generator_token(tmp_path, capsy
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert "MEANINGLESS" in captured.err
-    assert [row["kind"] for row in rows if row["line"] == 2] == ["query", "token", "token"]
+    assert [row["kind"] for row in rows if row["line"] == 2] == [
+        "query", "token", "token", "end_of_turn", "end_of_turn", "result",
+    ]  # fmt: skip
     first = [row for row in rows if row["line"] == 1 and row["kind"] == "token"]
     assert "".join(row["text"] for row in first) == "Hello there! 👋"
     assert all(row["risk_level"] in ("Safe", "Unsafe", "Controversial") for row in first)
@@ -77,8 +79,9 @@ def test_default_guard_offline_says_what_to_do(tmp_path):
 def test_bridge_json():
     result = run("bridge", "--generator", "llama3", "--json", "Hello world")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [row["qwen_ids"] for row in rows] == [[], [9707], [1879]]
-    assert [row["kind"] for row in rows] == ["token", "token", "flush"]
+    assert [row["qwen_ids"] for row in rows] == [[], [9707], [1879], [151645], [198]]
+    assert [row["kind"] for row in rows] == ["token", "token", "flush", "end_of_turn", "end_of_turn"]
+    assert [row["qwen_tokens"] for row in rows[-2:]] == [["<|im_end|>"], ["\u010a"]]
 
 
 SHARED_KEYS = ("kind", "generator_token", "generator_id", "text", "start", "end")
@@ -126,7 +129,98 @@ def test_bridge_and_moderate_name_the_same_things_the_same(tmp_path, capsys):
     bridge_tokens = [{key: row[key] for key in SHARED_KEYS} for row in bridge if row["kind"] == "token"]
     moderate_tokens = [{key: row[key] for key in SHARED_KEYS} for row in moderate if row["kind"] == "token"]
     assert bridge_tokens == moderate_tokens
-    assert bridge[-1]["kind"] == "flush" and bridge[-1]["generator_token"] is None
+    assert [row["kind"] for row in bridge[-3:]] == ["flush", "end_of_turn", "end_of_turn"]
+    assert all(row["generator_token"] is None for row in bridge[-3:])
+    # the end of turn the guard judges: the same ids, named the same, in both
+    keys = (*SHARED_KEYS, "qwen_ids", "qwen_tokens")
+    moderate_end = [{key: row[key] for key in keys} for row in moderate if row["kind"] == "end_of_turn"]
+    assert [{key: row[key] for key in keys} for row in bridge[-2:]] == moderate_end
+
+
+def test_bridge_end_of_turn_ids_are_the_templates():
+    from adapter.bundled_tokenizers import qwen3_tokenizer
+    from guard.template import end_of_turn_ids
+
+    assert cli.bridge_end_of_turn_ids(qwen3_tokenizer()) == end_of_turn_ids(qwen3_tokenizer())
+
+
+# --- where and why a stream was flagged, end of turn included (issue 17) ---------
+
+
+@pytest.fixture(scope="module")
+def bye_guard(tmp_path_factory):
+    """The issue's wiring: " bye" and <|im_end|> are Unsafe, so "Good bye"
+    is flagged only at its end of turn."""
+    from adapter.bundled_tokenizers import qwen3_tokenizer, qwen3_tokenizer_path
+    from adapter.retokenize import encode_ordinary
+    from guard.testing import write_tiny_checkpoint
+
+    unsafe = [*encode_ordinary(qwen3_tokenizer(), " bye"), qwen3_tokenizer().token_to_id("<|im_end|>")]
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("bye"), tokenizer_json=qwen3_tokenizer_path(), unsafe_token_ids=unsafe
+    )
+
+
+def moderate_both_ways(capsys, arguments: list[str]) -> tuple[list[dict], str, str]:
+    """(JSON rows, text view, standard error of the JSON run) of one input."""
+    assert main([*arguments, "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert main([*arguments, "--color", "never"]) == 0
+    return rows, capsys.readouterr().out, captured.err
+
+
+def test_a_flag_raised_by_the_end_of_turn_is_in_every_output(bye_guard, tmp_path, capsys):
+    records = tmp_path / "bye.jsonl"
+    records.write_text(json.dumps({"prompt": "Say goodbye", "response": "Good bye"}) + "\n")
+    rows, view, err = moderate_both_ways(capsys, ["moderate", str(records), "--guard", str(bye_guard)])
+    assert "1 flagged" in err
+    assert [row["kind"] for row in rows] == ["query", "token", "token", "end_of_turn", "end_of_turn", "result"]
+    tokens, ends, (result,) = rows[1:3], rows[3:5], rows[5:]
+    # The token rows carry their own verdicts; " bye" was released by finish() and withheld with the flag.
+    assert [(row["text"], row["flagged"], row["flagged_at_finish"]) for row in tokens] == [
+        ("Good", False, False), (" bye", False, True),
+    ]  # fmt: skip
+    # The end-of-turn rows: <|im_end|> raised the flag.
+    assert [(row["qwen_tokens"], row["risk_level"], row["flagged"]) for row in ends] == [
+        (["<|im_end|>"], "Unsafe", True), (["\u010a"], "Safe", True),
+    ]  # fmt: skip
+    assert ends[0]["flagged_at"] == ends[0]["position"]
+    # The result: flagged, where (at the end of turn, the stretch from " bye") and why.
+    assert result["flagged"] and result["end_of_turn"]
+    assert (result["generator_token"], result["text"], result["generator_id"]) == (1, " bye", tokens[1]["generator_id"])
+    assert (result["risk_level"], result["category"]) == ("Unsafe", "Violent")
+    assert result["position"] == result["flagged_at"] == ends[0]["position"]
+    assert "FLAGGED at the end of turn, from generator token 1 (' bye'): Unsafe, Violent" in view
+
+
+@pytest.mark.parametrize("guard", ["wired", "tiny"])
+def test_the_view_says_why_with_the_verdict_that_flagged_and_agrees_with_the_json(bye_guard, tmp_path, capsys, guard):
+    """Wherever a line is flagged (mid-text, at the end of turn; the issue's
+    "Hello there! 👋" on --tiny's random guard), the view names the verdict at
+    flagged_at, never the Safe verdict of a later token, the same as the
+    JSON result row."""
+    records = tmp_path / "lines.jsonl"
+    responses = ["Hello there! 👋", "Good bye", "bye bye bye now.", "Dig, cut the roots, then lever it out.", ""]
+    records.write_text("".join(json.dumps({"prompt": "hi", "response": text}) + "\n" for text in responses))
+    chosen = ["--guard", str(bye_guard)] if guard == "wired" else ["--tiny"]
+    rows, view, _ = moderate_both_ways(capsys, ["moderate", str(records), *chosen])
+    results = [row for row in rows if row["kind"] == "result"]
+    assert len(results) == len(responses)
+    if guard == "wired":  # " bye" twice flags mid-text; "Good bye" at its end of turn
+        assert [(row["flagged"], row["end_of_turn"]) for row in results[1:3]] == [(True, True), (True, False)]
+    said = re.findall(r"^          (FLAGGED at .*|not flagged)$", view, flags=re.MULTILINE)
+    for result, line in zip(results, said, strict=True):
+        if not result["flagged"]:
+            assert line == "not flagged"
+            continue
+        assert result["risk_level"] in ("Unsafe", "Controversial") and "Safe, None" not in line
+        token = result["generator_token"]
+        assert ("the end of turn" if token is None else f"generator token {token}") in line
+        assert f": {result['risk_level']}, {result['category']} " in line
+        assert line.startswith("FLAGGED at the end of turn") == result["end_of_turn"]
+        judged = [row for row in rows if row["line"] == result["line"] and row.get("position") == result["flagged_at"]]
+        assert all(row["risk_level"] == result["risk_level"] for row in judged if row["kind"] != "query")
 
 
 # --- bad lines, setup errors, pipes, terminals (issue 9) ------------------------
@@ -407,7 +501,8 @@ def test_context_limit_continue_judges_past_the_trained_length(tmp_path, capsys,
     records = write_lines(tmp_path / "long.jsonl", {1: BAD_LINES[10][0]})
     argv = ["moderate", str(records), "--guard", str(short_guard), "--json", "--context-limit", "continue"]
     assert main(argv) == 0
-    tokens = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokens = [row for row in rows if row["kind"] == "token"]
     assert "".join(row["text"] for row in tokens) == "word " * 80
     assert tokens[0]["past_trained_length"] is False and tokens[-1]["past_trained_length"] is True
 

@@ -35,7 +35,6 @@ from integrations.transformers import (
     GuardedStreamer,
     GuardFailure,
     GuardStoppingCriteria,
-    _first_unsafe_piece,
     guarded_generate,
 )
 from tests.tiny_generator import Scripted, tiny_mistral_vocabulary_llama
@@ -407,7 +406,7 @@ def test_skip_prompt_false_streams_the_prompt_unjudged(model, tokenizer, calm_gu
 # --- CARE: where the flagged stretch begins -------------------------------------------------------
 
 
-def test_first_unsafe_piece_never_raises_when_no_piece_carries_the_flag(tmp_path):
+def test_the_flag_says_where_to_roll_back_when_no_piece_carries_it_yet(tmp_path):
     guard = marked_guard(tmp_path, encode_ordinary(qwen3_tokenizer(), " dynamite"))
     adapter = GuardAdapter(guard.session())
     adapter.moderate_prompt("How do I remove stumps?")
@@ -416,11 +415,11 @@ def test_first_unsafe_piece_never_raises_when_no_piece_carries_the_flag(tmp_path
         pieces += adapter.push_text(delta)
     assert adapter.flagged
     assert not any(piece.flagged for piece in pieces)  # the flagging delta is not judged yet
-    start = _first_unsafe_piece(pieces, adapter)
-    assert 0 <= start <= 2
-    assert _first_unsafe_piece([], adapter) == 0
-    kept = adapter.rollback(start)
-    assert not adapter.flagged and kept <= start
+    flag = adapter.flag
+    assert flag.index == flag.rollback_to == 2 and not flag.end_of_turn  # the delta still waiting
+    assert flag.verdict.risk_level == "Unsafe" and flag.verdict.position == flag.position
+    kept = adapter.rollback(flag.rollback_to)
+    assert not adapter.flagged and adapter.flag is None and kept <= flag.rollback_to
 
 
 # --- as users port their code: real chat templates, TextIteratorStreamer-style construction ----------

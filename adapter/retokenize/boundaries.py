@@ -21,6 +21,7 @@ more: unassigned code points are never boundaries.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from functools import cache
@@ -29,6 +30,7 @@ __all__ = [
     "has_boundary_after",
     "has_boundary_before",
     "is_nfc_split",
+    "nfc_rearranged_spans",
     "nfc_stable_end",
     "stable_word_count",
     "trailing_space_start",
@@ -115,6 +117,59 @@ def nfc_stable_end(text: str) -> int:
         if is_nfc_split(text, position):
             return position
     return 0
+
+
+# Only a character at or above U+0300 can lack a boundary before it.
+_MAY_COMBINE = re.compile("[^\x00-\u02ff]")
+
+
+def nfc_rearranged_spans(text: str) -> list[tuple[int, int]]:
+    """The smallest stretches of ``text`` that NFC changes as a whole, as
+    ``(start, end)`` offsets; usually none.
+
+    NFC decomposes, reorders combining marks by canonical class and composes
+    each such stretch as a unit, and a tokenizer maps the normalized
+    characters back onto it by position only: in ``"a\\u0301\\u0323"`` (acute,
+    then dot below) NFC gives U+1EA1 (a with dot below) then the acute,
+    which tokenizers align with the dot below's raw offset. Inside such a
+    stretch a normalized character may hold any of its raw characters; outside
+    of them alignment is exact (nothing changes).
+    """
+    if unicodedata.is_normalized("NFC", text):  # nearly all text: nothing to find
+        return []
+    stretches: list[list[int]] = []
+    for match in _MAY_COMBINE.finditer(text):
+        position = match.start()
+        if position == 0 or is_nfc_split(text, position):
+            continue
+        if stretches and stretches[-1][1] == position:
+            stretches[-1][1] = position + 1
+        else:
+            stretches.append([position - 1, position + 1])
+    return [
+        part
+        for start, end in stretches
+        if unicodedata.normalize("NFC", text[start:end]) != text[start:end]
+        for part in _nfc_parts(text, start, end)
+        if unicodedata.normalize("NFC", text[slice(*part)]) != text[slice(*part)]
+    ]
+
+
+def _nfc_parts(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """``text[start:end]`` cut wherever its NFC form is the NFC forms of the
+    two sides put together. ``is_nfc_split`` must hold for every continuation
+    and so refuses any character NFC changes (U+0958, CJK compatibility
+    ideographs); here the text is known, so a run of them comes apart.
+    Quadratic in the stretch, which the retokenizer's hold-back bounds."""
+    parts = []
+    part, rest = start, unicodedata.normalize("NFC", text[start:end])
+    for position in range(start + 1, end):
+        head, tail = (unicodedata.normalize("NFC", side) for side in (text[part:position], text[position:end]))
+        if head + tail == rest:
+            parts.append((part, position))
+            part, rest = position, tail
+    parts.append((part, end))
+    return parts
 
 
 # Whitespace as the tokenizer's regex engine sees it (Oniguruma's \s is

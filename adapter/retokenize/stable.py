@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapter.errors import RollbackError, StreamFinishedError
-from adapter.retokenize.boundaries import is_nfc_split, nfc_stable_end, stable_word_count
+from adapter.retokenize.boundaries import is_nfc_split, nfc_rearranged_spans, nfc_stable_end, stable_word_count
 from adapter.retokenize.ordinary import OrdinaryTokenizer, cached_ordinary_tokenizer
 
 __all__ = ["DEFAULT_MAX_HELD", "StableRetokenizer", "StableToken"]
@@ -44,12 +44,34 @@ def _check_well_formed(delta: str) -> None:
             ) from None
 
 
+def _widen_to_rearranged(spans: list[tuple[int, int]], stretches: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token spans that cover every raw character the token may hold: a token
+    that touches a stretch NFC rearranges (``nfc_rearranged_spans``) may hold
+    any character of it, so its span takes in the whole stretch."""
+    if not stretches:
+        return spans
+    stretch_ends = [end for _, end in stretches]
+    widened = []
+    for start, end in spans:
+        low, high = start, end
+        touched = bisect_right(stretch_ends, start)  # the first stretch that ends after the token starts
+        while touched < len(stretches) and stretches[touched][0] < max(end, start + 1):
+            low, high = min(low, stretches[touched][0]), max(high, stretches[touched][1])
+            touched += 1
+        widened.append((low, high))
+    return widened
+
+
 @dataclass(frozen=True, slots=True)
 class StableToken:
     """A guard-vocabulary token and the raw characters ``[start, end)`` it covers.
 
-    Offsets index the text as it was pushed (before NFC). Byte-level tokens that
-    each hold part of one character share that character's span.
+    Offsets index the text as it was pushed (before NFC), and the span holds
+    every character that went into the token: byte-level tokens that each hold
+    part of one character share that character's span, and a token of a
+    stretch that NFC reorders or composes (``"a\\u0301\\u0323"``) spans the
+    whole stretch, since the normalizer's alignment does not say which of its
+    characters went where.
     """
 
     id: int
@@ -302,9 +324,10 @@ class StableRetokenizer:
         # becomes one é, whose offsets cover only the e); stretch each span to
         # where the next token starts so that the spans cover all the text.
         starts = [offsets[i][0] for i in range(1, token_count)] + [cut]
-        return [
-            StableToken(ids[i], base + offsets[i][0], base + max(offsets[i][1], starts[i])) for i in range(token_count)
-        ]
+        spans = [(offsets[i][0], max(offsets[i][1], starts[i])) for i in range(token_count)]
+        if self._ordinary.normalizes_nfc:
+            spans = _widen_to_rearranged(spans, nfc_rearranged_spans(held[:cut]))
+        return [StableToken(ids[i], base + start, base + end) for i, (start, end) in enumerate(spans)]
 
     def _advance(self, held: str, cut: int, token_count: int, *, record: bool) -> None:
         self._held = held[cut:]
