@@ -63,7 +63,11 @@ def moderate_command(capsys, tmp_path) -> tuple[list[Judged], str]:
         # Ordinary text is Safe token by token; only the tokens of " dynamite" are not.
         response = DEMO_CONVERSATIONS[number - 1]["response"]
         word = response.find(" dynamite")
-        for row in line[1:]:
+        for row in line:
+            if row["kind"] == "end_of_turn":  # after ordinary text, the end of turn is Safe too
+                assert word >= 0 or row["risk_level"] == "Safe", row
+            if row["kind"] != "token":
+                continue
             if word < 0 or not (row["start"] < word + len(" dynamite") and word < row["end"]):
                 assert row["risk_level"] == "Safe", row
     return judged, captured.err
