@@ -16,8 +16,10 @@ import tempfile
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, TextIO
+
+from integrations.common import SetupError, load_generator_tokenizer, verdict_fields
+from integrations.common import one_line as _one_line
 
 __all__ = ["main"]
 
@@ -49,44 +51,11 @@ EXIT_STATUS = (
 )
 
 
-class SetupError(Exception):
-    """The run cannot start (one sentence for the user; exit status 2)."""
-
-
 class LineError(Exception):
     """One input line cannot be judged; the others still are."""
 
 
 # --- loading ----------------------------------------------------------------
-
-
-def load_generator_tokenizer(name_or_path: str) -> Any:
-    """A bundled tokenizer by name, or a tokenizer.json, a SentencePiece
-    .model, or a local transformers tokenizer folder."""
-    from adapter.bundled_tokenizers import GENERATORS, generator_tokenizer
-
-    path = Path(name_or_path)
-    try:
-        if name_or_path in GENERATORS:
-            return generator_tokenizer(name_or_path)
-        if path.is_file() and path.suffix == ".json":
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(str(path))
-        if path.is_file() and path.suffix == ".model":
-            import sentencepiece
-
-            return sentencepiece.SentencePieceProcessor(model_file=str(path))
-        if path.is_dir():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as error:  # tokenizers and sentencepiece raise bare exceptions for damaged files
-        raise SetupError(f"could not load the generator tokenizer {name_or_path!r}: {_one_line(error)}") from error
-    raise SetupError(
-        f"no generator tokenizer {name_or_path!r}: give one of {', '.join(GENERATORS)}, "
-        "a tokenizer.json, a SentencePiece .model or a local tokenizer folder"
-    )
 
 
 def check_device(device: str | None) -> None:
@@ -144,10 +113,6 @@ def load_guard(args: argparse.Namespace, folder: str) -> Any:
         raise SetupError(
             f"{_one_line(error)} (or run with --tiny to see the pipeline on a random demo guard)"
         ) from error
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --- input lines ------------------------------------------------------------
@@ -304,30 +269,6 @@ def _decoded(decode_ids: Any, generator: Any, ids: list[int]) -> str | None:
         return decode_ids(generator, ids)
     except Exception:  # an id the tokenizer does not have: pushing it says so, with the id
         return None
-
-
-VERDICT_KEYS = (
-    "position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at",
-    "past_trained_length",
-)  # fmt: skip
-
-
-def verdict_fields(verdict: Any) -> dict:
-    """The verdict keys of a JSON row: every key always present, all null
-    when there is no verdict (a token with no text before any guard token)."""
-    if verdict is None:
-        return dict.fromkeys(VERDICT_KEYS)
-    return {
-        "position": verdict.position,
-        "risk_level": verdict.risk_level,
-        "risk_prob": round(verdict.risk_prob, 4),
-        "category": verdict.category,
-        "category_prob": None if verdict.category_prob is None else round(verdict.category_prob, 4),
-        "unsafe": verdict.unsafe,
-        "flagged": verdict.flagged,
-        "flagged_at": getattr(verdict, "flagged_at", None),
-        "past_trained_length": getattr(verdict, "past_trained_length", False),
-    }
 
 
 def token_fields(index: int | None, generator_id: int | None, text: str, start: int | None, end: int | None) -> dict:
