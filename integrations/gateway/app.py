@@ -1,8 +1,8 @@
 """The gateway app: ``Gateway`` (one guard, one engine, one upstream client,
 shared by every request) and ``create_app``, whose chat route shows the flow
-of a request: admission, the prompt judged (``prompt``), the request sent,
-then the answer relayed (``relay``) through chunk rewriting (``chunks``),
-within the limits of ``limits``."""
+of a request: admission, the body read and the prompt judged (``prompt``),
+the request sent, then the answer relayed (``relay``) through chunk
+rewriting (``chunks``), within the limits of ``limits``."""
 
 from __future__ import annotations
 
@@ -12,29 +12,37 @@ import hmac
 import logging
 from collections.abc import Callable
 from functools import partial
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guard import EngineCapacityError, GuardError
+from guard import ContextLengthError, EngineCapacityError, GuardError
+from integrations.common import load_generator_tokenizer
+from integrations.gateway.chunks import identifier
 from integrations.gateway.config import GatewayConfig
-from integrations.gateway.limits import Cleanup, Metrics, within_limits
+from integrations.gateway.limits import Admission, Cleanup, EventStream, Metrics, redact_access_log, within_limits
 from integrations.gateway.prompt import ChatRequest, read_body
 from integrations.gateway.relay import Relay, completion, read_completion
-from integrations.gateway.wire import GatewayError
+from integrations.gateway.sse import is_event_stream
+from integrations.gateway.wire import GatewayError, parse_json
 from integrations.streams import GuardStreams
 
 __all__ = ["Gateway", "create_app"]
 
 log = logging.getLogger("crossguard.gateway")
 
-# Headers of the upstream's answer that describe the bytes we re-send, not the answer itself.
-_HOP_HEADERS = {"content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive"}
+# What the client is told when the upstream fails (the details, which may
+# quote the model or name internal hosts, go to the log only).
+_UPSTREAM_FAILURES = {
+    "timeout": "the upstream server did not answer in time",
+    "unreachable": "the upstream server cannot be reached",
+    "dropped": "the upstream server's answer broke off",
+}
 
 
 class Gateway:
@@ -47,7 +55,7 @@ class Gateway:
         self.engine: Any = None
         self.client: httpx.AsyncClient | None = None
         self.metrics = Metrics()
-        self._open = 0
+        self.admission: Admission | None = None
         from guard import Policy
 
         self.policy = Policy(mode=config.mode)
@@ -57,7 +65,6 @@ class Gateway:
     def start(self) -> None:
         """Load the guard (unless given) and the generator tokenizer, start the engine and the upstream client."""
         from guard import GuardEngine, StreamGuard
-        from integrations.common import load_generator_tokenizer
 
         config = self.config
         if self._guard is None:
@@ -69,6 +76,7 @@ class Gateway:
             self._guard, max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms,
             max_sessions=max(4 * config.max_streams, 16), kv_budget_bytes=config.kv_budget_bytes,
         )  # fmt: skip
+        self.admission = Admission(config, self.metrics, self.engine.max_sessions)
         listener = getattr(self.engine, "add_step_listener", None)
         if listener is not None:
             listener(self.metrics.observe_step)
@@ -78,7 +86,11 @@ class Gateway:
             pool=config.upstream_connect_timeout_s,
         )  # fmt: skip
         limits = httpx.Limits(max_connections=config.max_streams + 16, max_keepalive_connections=64)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        # No cookie jar: a cookie the upstream sets for one client must never
+        # ride along with another client's request.
+        no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, cookies=no_cookies)
+        redact_access_log()
         log.info("gateway ready: %s", config.public())
 
     async def stop(self) -> None:
@@ -104,12 +116,11 @@ class Gateway:
         return await loop.run_in_executor(self.engine.executor, partial(function, *args))
 
     def close_later(self, streams: GuardStreams) -> None:
-        """Free a request's guard sessions without waiting (a call of its may
-        still be finishing in a thread: close() waits for it there)."""
-        try:
-            self.engine.executor.submit(streams.close)
-        except RuntimeError:  # the engine is shutting down; its sessions go with it
-            streams.close()
+        """Free a request's guard sessions without waiting: closing drops their
+        work queued in the engine at once, and waits for a call in flight (at
+        most one engine step) on a thread of its own."""
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, streams.close)
 
     def check_key(self, request: Request) -> None:
         expected = self.config.api_key
@@ -129,22 +140,6 @@ class Gateway:
             headers["authorization"] = request.headers["authorization"]
         return headers
 
-    def admit(self, cleanup: Cleanup) -> None:
-        if self._open >= self.config.max_streams:
-            self.metrics.requests.labels("overloaded").inc()
-            raise GatewayError(
-                429, f"the moderating gateway is serving its limit of {self.config.max_streams} concurrent "
-                "requests; retry shortly", type="rate_limit_error", code="too_many_concurrent_requests",
-                headers={"retry-after": "1"},
-            )  # fmt: skip
-        self._open += 1
-        self.metrics.streams_open.inc()
-        cleanup.admitted = True
-
-    def release(self) -> None:
-        self._open -= 1
-        self.metrics.streams_open.dec()
-
     async def send(self, chat: ChatRequest, request: Request) -> httpx.Response:
         """Forward the request; the upstream's response, streaming (its body not read yet)."""
         upstream_request = self.client.build_request(
@@ -159,12 +154,59 @@ class Gateway:
             raise self.upstream_error("unreachable", error) from None
 
     def upstream_error(self, kind: str, error: BaseException | str) -> GatewayError:
+        """The client's error for an upstream failure: the gateway's own words;
+        the upstream's (``error``) go to the log."""
         self.metrics.upstream_errors.labels(kind).inc()
         detail = error if isinstance(error, str) else (str(error) or type(error).__name__)
         log.warning("upstream %s: %s", kind, detail)
         status = 504 if kind == "timeout" else 502
-        return GatewayError(status, f"the upstream server failed ({kind}): {detail}", type="upstream_error",
-                            code=f"upstream_{kind}")  # fmt: skip
+        # A str is the gateway's own account (a limit, a redirect); an exception's text stays in the log.
+        message = _UPSTREAM_FAILURES.get(kind) or (error if isinstance(error, str) else f"the upstream failed ({kind})")
+        return GatewayError(status, message, type="upstream_error", code=f"upstream_{kind}")
+
+
+def _upstream_status_error(gateway: Gateway, response: httpx.Response, body: bytes) -> JSONResponse:
+    """An upstream error status, passed on as its status and code in the
+    gateway's own words: the upstream's message may quote the model."""
+    status = response.status_code
+    gateway.metrics.upstream_errors.labels(f"status_{status}").inc()
+    try:
+        error = parse_json(body).get("error")
+    except Exception:  # not JSON, or not an object: nothing to take from it
+        error = None
+    error = error if isinstance(error, dict) else {}
+    log.warning("upstream answered HTTP %d: %.500r", status, body)
+    code = error.get("code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else identifier(code, 64)
+    shaped = {"message": f"the upstream server answered HTTP {status}", "type": identifier(error.get("type"), 64)
+              or "upstream_error", "param": identifier(error.get("param"), 64), "code": code}  # fmt: skip
+    headers = {}
+    retry = response.headers.get("retry-after", "")
+    if retry.isdigit():
+        headers["retry-after"] = retry
+    return JSONResponse({"error": shaped}, status_code=status, headers=headers)
+
+
+def _models(data: Any) -> dict[str, Any]:
+    """The upstream's model list, rebuilt from the fields clients read."""
+    models = data.get("data") if isinstance(data, dict) else None
+    kept = []
+    for model in models if isinstance(models, list) else ():
+        name = identifier(model.get("id")) if isinstance(model, dict) else None
+        if name is None:
+            continue
+        entry: dict[str, Any] = {"id": name, "object": "model"}
+        created = model.get("created")
+        if isinstance(created, int) and not isinstance(created, bool):
+            entry["created"] = created
+        owner = identifier(model.get("owned_by"))
+        if owner is not None:
+            entry["owned_by"] = owner
+        kept.append(entry)
+    return {"object": "list", "data": kept}
+
+
+# --- the app --------------------------------------------------------------------
 
 
 def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = None) -> FastAPI:
@@ -197,7 +239,8 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
     @app.get("/health")
     async def health() -> JSONResponse:
         engine, ready = gateway.engine, gateway.ready
-        body = {"status": "ok" if ready else "unavailable", "streams_open": gateway._open,
+        body = {"status": "ok" if ready else "unavailable",
+                "streams_open": gateway.admission.open if gateway.admission else 0,
                 "guard_sessions": engine.session_count if engine is not None else 0}  # fmt: skip
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -214,31 +257,28 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
             raise gateway.upstream_error("timeout", error) from None
         except httpx.TransportError as error:
             raise gateway.upstream_error("unreachable", error) from None
-        return passthrough(upstream, upstream.content)
+        if upstream.is_redirect or not upstream.is_success:
+            return _upstream_status_error(gateway, upstream, upstream.content)
+        try:
+            return JSONResponse(_models(parse_json(upstream.content)))
+        except Exception:
+            raise gateway.upstream_error("bad_response", "the upstream's model list is not JSON") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         gateway.check_key(request)
-        payload = await read_body(request, config.max_body_bytes)
         cleanup = Cleanup(gateway)
+        # Counted from the first byte: a client that sends a body slowly holds a slot.
+        cleanup.ticket = gateway.admission.admit()
+        handed_over = False
         try:
-            gateway.admit(cleanup)
+            payload = await read_body(request, config.max_body_bytes, min(config.body_timeout_s,
+                                                                          config.request_timeout_s))  # fmt: skip
             chat = ChatRequest(gateway, payload)
-            cleanup.streams = chat.streams
-            try:
-                await chat.judge_prompt()
-            except GatewayError:
-                raise
-            except ValueError as error:
-                if isinstance(error, GuardError):
-                    raise
-                raise GatewayError(400, f"the guard cannot read these messages: {error}",
-                                   type="invalid_request_error", param="messages") from None  # fmt: skip
-            except Exception as error:
-                if not config.fail_open:
-                    raise guard_failure(gateway, chat, error) from error
-                chat.failed_open = True
-            response = await within_limits(gateway, chat, request, gateway.send(chat, request))
+            gateway.admission.reserve(cleanup.ticket, chat.choice_count)
+            cleanup.streams.append(chat.streams)
+            await _judge_prompt(gateway, chat, request, cleanup)
+            response = await within_limits(gateway, chat.remaining, request, gateway.send(chat, request))
             cleanup.response = response
             status = response.status_code
             if response.is_redirect or 300 <= status < 400:
@@ -246,39 +286,68 @@ def create_app(config: GatewayConfig, *, guard: Any = None, generator: Any = Non
                 raise gateway.upstream_error("redirect", f"the upstream answered HTTP {status} (a redirect)")
             if not response.is_success:
                 body = await read_completion(gateway, chat, response, request)
-                gateway.metrics.upstream_errors.labels(f"status_{status}").inc()
                 gateway.metrics.requests.labels("upstream_error").inc()
-                return passthrough(response, body)
-            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
-            if not chat.stream or not streamed:
-                return await completion(gateway, chat, await read_completion(gateway, chat, response, request))
-            relay = Relay(gateway, chat, response)
-            stream = StreamingResponse(
-                relay.events(cleanup), media_type="text/event-stream", background=BackgroundTask(cleanup.run),
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )  # fmt: skip
-            cleanup.handed_over = True
+                return _upstream_status_error(gateway, response, body)
+            streamed = is_event_stream(response.headers.get("content-type", ""))
+            if chat.stream and not streamed:
+                raise gateway.upstream_error("not_event_stream", "the upstream answered a streaming request with "
+                                             "something other than an event stream (text/event-stream)")  # fmt: skip
+            if not chat.stream:
+                if streamed:
+                    raise gateway.upstream_error("event_stream", "the upstream answered a request without "
+                                                 "streaming with an event stream")  # fmt: skip
+                body = await read_completion(gateway, chat, response, request)
+                return await completion(gateway, chat, body, request, cleanup)
+            relay = Relay(gateway, chat, response, cleanup)
+
+            def slow_client() -> None:
+                relay.outcome = "slow_client"
+                log.warning("request %s: the client stopped reading for %g s; dropped", chat.request_id,
+                            config.send_timeout_s)  # fmt: skip
+
+            stream = EventStream(relay.events(), send_timeout=config.send_timeout_s, deadline=chat.remaining,
+                                 on_end=cleanup.run, on_slow_client=slow_client)  # fmt: skip
+            handed_over = True
             return stream
         finally:
-            if not cleanup.handed_over:
+            if not handed_over:
                 await cleanup.run()
 
     return app
 
 
-def guard_failure(gateway: Gateway, chat: ChatRequest, error: BaseException) -> GatewayError:
+async def _judge_prompt(gateway: Gateway, chat: ChatRequest, request: Request, cleanup: Cleanup) -> None:
+    """Judge the conversation before anything is forwarded, within the time
+    limit (a client that leaves, or a limit that passes, stops the guard's
+    work on it); refuse it in block mode."""
+    try:
+        work = gateway.run(chat.streams.judge_prompt)
+        chat.query_verdict = await within_limits(gateway, chat.remaining, request, work,
+                                                 abandon=cleanup.close_streams)  # fmt: skip
+    except GatewayError:
+        raise
+    except ValueError as error:
+        if isinstance(error, GuardError):
+            raise _guard_failure(gateway, chat, error) from error
+        raise GatewayError(400, f"the guard cannot read these messages: {error}", type="invalid_request_error",
+                           param="messages") from None  # fmt: skip
+    except Exception as error:
+        if not gateway.config.fail_open:
+            raise _guard_failure(gateway, chat, error) from error
+        chat.failed_open = True
+    chat.refuse_if_flagged()
+
+
+def _guard_failure(gateway: Gateway, chat: ChatRequest, error: BaseException) -> GatewayError:
     gateway.metrics.guard_errors.inc()
     log.error("request %s: guard failed on the prompt: %r", chat.request_id, error)
     if isinstance(error, EngineCapacityError):
         gateway.metrics.requests.labels("overloaded").inc()
-        return GatewayError(503, f"the moderation guard is at capacity: {error}", type="server_error",
+        return GatewayError(503, "the moderation guard is at capacity; retry shortly", type="server_error",
                             code="guard_capacity", headers={"retry-after": "1"})  # fmt: skip
+    if isinstance(error, ContextLengthError):
+        return GatewayError(400, f"the prompt is longer than the guard can judge: {error}",
+                            type="invalid_request_error", param="messages", code="context_length_exceeded")
     gateway.metrics.requests.labels("guard_error").inc()
-    return GatewayError(500, f"the moderation guard failed on the prompt ({type(error).__name__}: {error})",
+    return GatewayError(500, f"the moderation guard failed on the prompt ({type(error).__name__})",
                         type="server_error", code="guard_error")  # fmt: skip
-
-
-def passthrough(upstream: httpx.Response, body: bytes) -> Response:
-    headers = {name: value for name, value in upstream.headers.items()
-               if name.lower() not in _HOP_HEADERS and name.lower() not in ("location", "set-cookie")}  # fmt: skip
-    return Response(body, status_code=upstream.status_code, headers=headers)

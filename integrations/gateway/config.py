@@ -30,6 +30,16 @@ class GatewayConfig:
     ``api_key``: clients must send ``Authorization: Bearer <api_key>``; the
     upstream then gets ``upstream_api_key`` (if set) instead of the client's
     header, which is otherwise forwarded as is.
+
+    Limits (each failure is a clear OpenAI-style error, and fails closed):
+    ``max_body_bytes`` and ``body_timeout_s`` bound the request body;
+    ``request_timeout_s`` the whole request, stream included;
+    ``send_timeout_s`` how long a client may leave a chunk unread before it is
+    dropped; ``max_response_bytes`` what is read from the upstream per answer,
+    ``max_line_bytes`` per SSE line or event; ``max_held_chunks`` and
+    ``max_held_bytes`` what an answer may hold back while the guard judges;
+    ``max_streams`` requests at once; ``max_choices`` the ``n`` of a request;
+    ``max_tool_calls`` the tool calls of one answer (each is a guard stream).
     """
 
     upstream: str
@@ -48,7 +58,12 @@ class GatewayConfig:
     max_line_bytes: int = 1024 * 1024
     max_streams: int = 256
     max_choices: int = 16
+    max_tool_calls: int = 16
+    max_held_chunks: int = 1024
+    max_held_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
     upstream_connect_timeout_s: float = 10.0
     upstream_read_timeout_s: float = 120.0
     device: str | None = None
@@ -69,13 +84,15 @@ class GatewayConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("max_body_bytes", "max_response_bytes", "max_line_bytes", "max_streams", "max_choices"):
+        for name in ("max_body_bytes", "max_response_bytes", "max_line_bytes", "max_streams", "max_choices",
+                     "max_tool_calls", "max_held_chunks", "max_held_bytes"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.token_ids == "request" and self.generator is None:
             raise ValueError("token_ids='request' needs the generator's tokenizer (generator=...) to judge the ids")
-        for name in ("request_timeout_s", "upstream_connect_timeout_s", "upstream_read_timeout_s"):
+        for name in ("request_timeout_s", "body_timeout_s", "send_timeout_s", "upstream_connect_timeout_s",
+                     "upstream_read_timeout_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
 

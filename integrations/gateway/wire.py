@@ -48,7 +48,9 @@ class BadChunk(Exception):
 
 def sse(data: Any) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    # Text fields come cleaned of lone surrogates; "replace" guards the rest (a
+    # client's own tool name, say) so that no chunk can break the stream.
+    return f"data: {text}\n\n".encode("utf-8", "replace")
 
 
 def error_event(message: str, type: str, code: str) -> bytes:
