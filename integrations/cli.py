@@ -731,6 +731,13 @@ def _add_serve_parser(commands: Any) -> None:
                        help="largest request body; larger get HTTP 413")  # fmt: skip
     serve.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="longest a request may take, stream included")  # fmt: skip
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest a client may take to send its request body (then HTTP 408)")  # fmt: skip
+    serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest a client may leave a streamed chunk unread before it is dropped")  # fmt: skip
+    serve.add_argument("--max-tool-calls", type=_positive_int, default=16, metavar="N",
+                       help="tool calls one answer may make (each is judged as its own guard stream); more end "
+                       "the answer with an error")  # fmt: skip
     serve.add_argument("--ray", action="store_true", help="run the gateway on Ray Serve (needs crossguard[ray])")
     serve.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     serve.add_argument("--num-gpus", type=float, default=0.0, metavar="X", help="GPUs per replica (with --ray)")
@@ -750,6 +757,7 @@ def gateway_config(args: argparse.Namespace, guard: str) -> Any:
             token_ids=args.token_ids, judge_tool_calls=args.judge_tool_calls, api_key=args.api_key,
             upstream_api_key=args.upstream_api_key, fail_open=args.fail_open, refusal=args.refusal or DEFAULT_REFUSAL,
             max_streams=args.max_streams, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+            body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout, max_tool_calls=args.max_tool_calls,
             device=args.device,
         )  # fmt: skip
     except ValueError as error:

@@ -143,6 +143,21 @@ def guard_conversation(messages: Any) -> tuple[list[dict[str, Any]], str]:
     return converted, prefill
 
 
+def _without_unjudged_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages to forward: the guard's template (as Qwen3's) leaves out
+    the reasoning of assistant turns before the last user turn, so that
+    reasoning is not judged, and is not forwarded either."""
+    last_user = max((number for number, message in enumerate(messages) if message["role"] == "user"), default=-1)
+    if not any(message["role"] == "assistant" and (message.get("reasoning") or message.get("reasoning_content"))
+               for message in messages[:last_user]):  # fmt: skip
+        return messages
+    return [
+        {name: value for name, value in message.items() if name not in ("reasoning", "reasoning_content")}
+        if number < last_user and message["role"] == "assistant" else message
+        for number, message in enumerate(messages)
+    ]
+
+
 def _declared_tools(payload: dict[str, Any]) -> tuple[frozenset[str], frozenset[str], frozenset[str], str]:
     """(function tool names, custom tool names, legacy function names, the
     definitions' text for the guard). Tool definitions are read by the model,
@@ -208,8 +223,10 @@ async def read_body(request: Request, limit: int, timeout: float) -> dict[str, A
     """The request's JSON object: at most ``limit`` bytes, all of it within
     ``timeout`` seconds (a client that sends part of a body and goes quiet
     gets a 408, not a connection held open)."""
+    # Both errors close the connection: the rest of the body is never read.
     too_big = GatewayError(413, f"the request body is larger than the gateway's limit of {limit:,} bytes",
-                           type="invalid_request_error", code="request_too_large")  # fmt: skip
+                           type="invalid_request_error", code="request_too_large",
+                           headers={"connection": "close"})  # fmt: skip
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
@@ -222,7 +239,8 @@ async def read_body(request: Request, limit: int, timeout: float) -> dict[str, A
                     raise too_big
     except TimeoutError:
         raise GatewayError(408, f"the request body did not arrive within {timeout:g} s",
-                           type="invalid_request_error", code="request_timeout") from None  # fmt: skip
+                           type="invalid_request_error", code="request_timeout",
+                           headers={"connection": "close"}) from None  # fmt: skip
     return parse_body(bytes(body))
 
 
@@ -273,6 +291,7 @@ class ChatRequest:
 
     def upstream_body(self) -> dict[str, Any]:
         body = dict(self.payload)
+        body["messages"] = _without_unjudged_reasoning(body["messages"])
         if self.config.token_ids == "request" and self.gateway.generator is not None:
             body["return_token_ids"] = True
         return body
