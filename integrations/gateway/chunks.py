@@ -100,16 +100,17 @@ def usage_numbers(usage: Any, depth: int = 0) -> dict[str, Any] | None:
 class ChoiceState:
     """What the gateway tracks of one choice of a response."""
 
-    __slots__ = ("arguments", "channel", "decoded", "decoders", "finished", "logprob_bytes", "logprobs_dropped",
-                 "mode", "shown", "shown_bytes", "tool_calls")  # fmt: skip
+    __slots__ = ("arguments", "channel", "finished", "judged_pieces", "logprob_bytes", "logprobs_dropped", "mode",
+                 "shown_bytes", "tool_calls", "unshown")  # fmt: skip
 
     def __init__(self) -> None:
         self.mode: Literal["ids", "text"] | None = None
         self.channel: Literal["reasoning", "main"] = "main"
         self.finished = False
-        self.decoders: dict[str, SourceDecoder] = {}
-        self.shown = {"reasoning": "", "main": ""}
-        self.decoded = {"reasoning": "", "main": ""}
+        # Id mode: the judged pieces of the choice's stream taken so far, and
+        # their text that no released chunk has shown yet, per channel.
+        self.judged_pieces = 0
+        self.unshown = {"reasoning": "", "main": ""}
         self.arguments: dict[StreamKey, ArgumentsText] = {}
         self.tool_calls: set[StreamKey] = set()
         self.logprob_bytes = {"content": bytearray(), "refusal": bytearray()}
@@ -389,35 +390,38 @@ class ChunkReader:
             return []
         if reasoning and content:
             raise IdsMismatch(f"choice {index} sent reasoning and answer in one delta, so its ids cannot be split")
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in ids):
+            raise BadChunk("token ids that are not integers")
         if content:
             state.channel = "main"
         elif reasoning:
             state.channel = "reasoning"
-        channel = state.channel
-        state.shown[channel] += content if channel == "main" else reasoning
-        decoder = state.decoders.get(channel)
-        if decoder is None:
-            decoder = state.decoders[channel] = SourceDecoder(self.chat.gateway.generator)
-        try:
-            state.decoded[channel] += "".join(piece.text for piece in decoder.push(ids))
-        except (ValueError, TypeError):
-            raise BadChunk("token ids the generator's tokenizer does not have") from None
-        # The chunk is released once its ids are judged, so the text it shows
-        # must already be there in the ids' text: a server that sends text
-        # before its ids, or other text than its ids, is judged from text.
-        if not state.decoded[channel].startswith(state.shown[channel]):
-            raise IdsMismatch(f"choice {index}'s token ids do not decode to the text it sent")
-        return [(StreamKey(index), ids, channel == "reasoning")] if ids else []
+        return [(StreamKey(index), ids, state.channel == "reasoning")] if ids else []
 
-    def check_ids_cover_text(self) -> None:
-        """At the end: every character shown must be judged text of the ids."""
-        for index, state in self.choices.items():
-            if state.mode != "ids":
+    def check_released(self, chunk: dict[str, Any]) -> None:
+        """Before a chunk goes out in id mode: the text it shows must be text
+        the guard judged from the ids (what the guard's own decoding of them
+        gave, in the judged pieces): a server that sends text before its ids,
+        or other text than its ids, is judged from text (``IdsMismatch``).
+        Chunks come out in order, so each one's text continues the last's."""
+        for choice in chunk["choices"]:
+            state = self.choices.get(choice["index"])
+            if state is None or state.mode != "ids":
                 continue
-            for channel, decoder in state.decoders.items():
-                state.decoded[channel] += "".join(piece.text for piece in decoder.flush())
-                if not state.decoded[channel].startswith(state.shown[channel]):
-                    raise IdsMismatch(f"choice {index}'s token ids do not cover the text it sent")
+            delta = choice["delta"]
+            content = delta.get("content") or ""
+            reasonings = [delta.get(name) or "" for name in ("reasoning", "reasoning_content")]
+            reasoning = reasonings[0] if reasonings[0] == reasonings[1] else reasonings[0] + reasonings[1]
+            if not content and not reasoning:
+                continue
+            pieces = self.chat.streams.pieces.get(StreamKey(choice["index"]), ())
+            for piece in pieces[state.judged_pieces :]:
+                state.unshown["reasoning" if piece.reasoning else "main"] += piece.text
+            state.judged_pieces = len(pieces)
+            for channel, text in (("reasoning", reasoning), ("main", content)):
+                if not state.unshown[channel].startswith(text):
+                    raise IdsMismatch(f"choice {choice['index']}'s token ids do not decode to the text it sent")
+                state.unshown[channel] = state.unshown[channel][len(text) :]
 
     # --- logprobs ---------------------------------------------------------------------
 

@@ -58,13 +58,17 @@ def _upstream_error_code(event: Any) -> int | str | None:
     return None
 
 
-def open_streams(admission: Any, ticket: Ticket, streams: GuardStreams, deltas: list) -> None:
-    """Count the guard session of every stream these deltas open (the first
-    stream takes the session that judged the prompt)."""
+def open_streams(admission: Any, ticket: Ticket, streams: GuardStreams, deltas: list,
+                 opening: set[StreamKey]) -> None:  # fmt: skip
+    """Count the guard session of every stream these deltas open (``opening``:
+    those counted already but not open yet; the first stream takes the
+    session that judged the prompt)."""
     for key, delta, _reasoning in deltas:
-        if delta and streams.judges(key) and not streams.is_open(key) and streams.keys:
-            if not admission.take_session(ticket):
-                raise _NoSession(f"the {key} stream needs a guard session, and none is free")
+        if not delta or not streams.judges(key) or streams.is_open(key) or key in opening:
+            continue
+        if (streams.keys or opening) and not admission.take_session(ticket):
+            raise _NoSession(f"the {key} stream needs a guard session, and none is free")
+        opening.add(key)
 
 
 class Relay:
@@ -172,12 +176,10 @@ class Relay:
             yield event
 
     async def _within_time(self, work: Any) -> Any:
-        """``work`` within the request's time limit (TimeoutError past it)."""
-        remaining = self.chat.remaining()
-        if remaining <= 0:
-            work.close()
-            raise TimeoutError
-        return await asyncio.wait_for(work, remaining)
+        """``work`` within the request's time limit (TimeoutError past it).
+        ``asyncio.timeout``, not ``wait_for``: no task made per call."""
+        async with asyncio.timeout(self.chat.remaining()):
+            return await work
 
     async def _upstream_failed(self, event: dict[str, Any]) -> AsyncIterator[bytes]:
         # The upstream failed mid-stream: what the guard has not released stays
@@ -199,26 +201,39 @@ class Relay:
         """On an engine thread: read the chunks, give them to the gate; the chunks
         now ready that were not sent before. A mismatch between ids and text
         starts the response over in text mode."""
-        ready = []
+        numbered = []
+        for chunk, size in chunks:
+            self.seq += 1
+            if self.reader.use_ids:
+                self.history.append((self.seq, chunk))
+            numbered.append((self.seq, chunk, size))
         try:
-            for chunk, size in chunks:
-                self.seq += 1
-                if self.reader.use_ids:
-                    self.history.append((self.seq, chunk))
-                ready += self._give(self.seq, chunk, size)
-                if self.gate.flag is not None:
-                    break
+            ready = self._checked(self._give(numbered))
         except IdsMismatch as error:
-            ready += self._judge_from_text(error)
+            ready = self._judge_from_text(error)
         return self._fresh(ready)
 
-    def _give(self, seq: int, chunk: dict[str, Any], size: int) -> list[tuple[int, dict[str, Any]]]:
-        rebuilt, deltas = self.reader.read_chunk(chunk)
+    def _checked(self, ready: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        for _seq, item in ready:
+            self.reader.check_released(item)
+        return ready
+
+    def _give(self, numbered: list[tuple[int, dict[str, Any], int]]) -> list[tuple[int, dict[str, Any]]]:
+        """Read the chunks and give them to the gate in one go (a stream's ids
+        of consecutive chunks are judged in one call: ``StreamGate.push_many``)."""
         streams = self.chat.streams
-        open_streams(self.gateway.admission, self.cleanup.ticket, streams, deltas)
-        self.starts[seq] = {key: streams.pushed(key) for key, *_ in deltas}
-        self.held[seq] = size
-        return self.gate.push((seq, rebuilt), deltas)
+        entries, opening, pushed = [], set(), {}
+        for seq, chunk, size in numbered:
+            rebuilt, deltas = self.reader.read_chunk(chunk)
+            open_streams(self.gateway.admission, self.cleanup.ticket, streams, deltas, opening)
+            starts = self.starts[seq] = {}
+            for key, delta, _reasoning in deltas:
+                if delta and streams.judges(key):
+                    starts.setdefault(key, pushed.get(key, streams.pushed(key)))
+                    pushed[key] = pushed.get(key, streams.pushed(key)) + (1 if isinstance(delta, str) else len(delta))
+            self.held[seq] = size
+            entries.append(((seq, rebuilt), deltas))
+        return self.gate.push_many(entries)
 
     def _fresh(self, ready: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
         fresh = []
@@ -240,12 +255,7 @@ class Relay:
         self.reader = ChunkReader(chat, use_ids=False)
         self.gate = StreamGate(chat.streams)
         replay, self.history, self.starts, self.held = self.history, [], {}, {}
-        ready = []
-        for seq, chunk in replay:
-            ready += self._give(seq, chunk, 0)
-            if self.gate.flag is not None:
-                break
-        return ready
+        return self._give([(seq, chunk, 0) for seq, chunk in replay])
 
     async def _judge(self, chunks: list[tuple[dict[str, Any], int]]) -> AsyncIterator[bytes]:
         try:
@@ -279,15 +289,13 @@ class Relay:
             return
 
         def finish() -> list[tuple[int, dict[str, Any]]]:
-            ready = []
             try:
-                self.reader.check_ids_cover_text()
+                return self._fresh(self._checked(self.gate.finish()))
             except IdsMismatch as error:
-                ready += self._judge_from_text(error)
-                if self.gate.flag is not None:
-                    return self._fresh(ready)
-            ready += self.gate.finish()
-            return self._fresh(ready)
+                ready = self._judge_from_text(error)
+                if self.gate.flag is None:
+                    ready += self.gate.finish()
+                return self._fresh(ready)
 
         try:
             ready = await self._within_time(self.gateway.run(finish))
@@ -376,7 +384,7 @@ def judge_answer(gateway: Gateway, chat: ChatRequest, reader: ChunkReader, ticke
     """On an engine thread: judge every text of a whole answer; (stream,
     verdict) that flagged each flagged choice."""
     streams = chat.streams
-    open_streams(gateway.admission, ticket, streams, deltas)
+    open_streams(gateway.admission, ticket, streams, deltas, set())
     for key, delta, reasoning in deltas:
         if isinstance(delta, str):
             streams.push(key, delta, reasoning=reasoning)
