@@ -34,6 +34,28 @@ def write_gateway_guard(folder: str | Path) -> Path:
     )  # fmt: skip
 
 
+def metric(server: Any, name: str) -> float:
+    """A sample of the gateway's /metrics (``server.url``)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(server.url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    """Whether ``predicate()`` came true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
 class AppServer:
     """Serve an ASGI app with uvicorn (lifespan on) on a free loopback port."""
 

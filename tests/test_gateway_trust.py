@@ -27,7 +27,16 @@ from hypothesis import strategies as st
 from adapter.bundled_tokenizers import generator_tokenizer
 from guard import StreamGuard
 from integrations.gateway import GatewayConfig, create_app
-from tests.gateway_harness import AppServer, CliGateway, RawUpstream, http_response, sse_body, write_gateway_guard
+from tests.gateway_harness import (
+    AppServer,
+    CliGateway,
+    RawUpstream,
+    http_response,
+    metric,
+    sse_body,
+    wait_for,
+    write_gateway_guard,
+)
 
 WORD = " dynamite"  # what the tiny guards flag (in answers; the command line's also in prompts)
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
@@ -138,21 +147,6 @@ def finish_reasons(response: httpx.Response) -> list[str]:
 
 def sdk(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", max_retries=0, timeout=30)
-
-
-def metric(server, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
-    assert match, f"{name} missing"
-    return float(match.group(1))
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def leaks(text: str) -> bool:

@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guard import ContextLengthError, EngineCapacityError, GuardError
+from guard import GuardError
 from integrations.common import load_generator_tokenizer
 from integrations.gateway.chunks import identifier
 from integrations.gateway.config import GatewayConfig
 from integrations.gateway.limits import Admission, Cleanup, EventStream, Metrics, redact_access_log, within_limits
 from integrations.gateway.prompt import ChatRequest, read_body
-from integrations.gateway.relay import Relay, completion, read_completion
+from integrations.gateway.relay import Relay, completion, guard_failure, read_completion
 from integrations.gateway.sse import is_event_stream
 from integrations.gateway.wire import GatewayError, parse_json
 from integrations.streams import GuardStreams
@@ -328,26 +328,11 @@ async def _judge_prompt(gateway: Gateway, chat: ChatRequest, request: Request, c
         raise
     except ValueError as error:
         if isinstance(error, GuardError):
-            raise _guard_failure(gateway, chat, error) from error
+            raise guard_failure(gateway, chat, error, "the prompt") from error
         raise GatewayError(400, f"the guard cannot read these messages: {error}", type="invalid_request_error",
                            param="messages") from None  # fmt: skip
     except Exception as error:
         if not gateway.config.fail_open:
-            raise _guard_failure(gateway, chat, error) from error
+            raise guard_failure(gateway, chat, error, "the prompt") from error
         chat.failed_open = True
     chat.refuse_if_flagged()
-
-
-def _guard_failure(gateway: Gateway, chat: ChatRequest, error: BaseException) -> GatewayError:
-    gateway.metrics.guard_errors.inc()
-    log.error("request %s: guard failed on the prompt: %r", chat.request_id, error)
-    if isinstance(error, EngineCapacityError):
-        gateway.metrics.requests.labels("overloaded").inc()
-        return GatewayError(503, "the moderation guard is at capacity; retry shortly", type="server_error",
-                            code="guard_capacity", headers={"retry-after": "1"})  # fmt: skip
-    if isinstance(error, ContextLengthError):
-        return GatewayError(400, f"the prompt is longer than the guard can judge: {error}",
-                            type="invalid_request_error", param="messages", code="context_length_exceeded")
-    gateway.metrics.requests.labels("guard_error").inc()
-    return GatewayError(500, f"the moderation guard failed on the prompt ({type(error).__name__})",
-                        type="server_error", code="guard_error")  # fmt: skip

@@ -184,14 +184,7 @@ class ChunkReader:
                 deltas += self._id_deltas(index, state, ids, reasoning, content)
                 if isinstance(ids, list) and ids:
                     out["token_ids"] = ids
-            else:
-                if reasoning:
-                    deltas.append((StreamKey(index), reasoning, True))
-                if content:
-                    deltas.append((StreamKey(index), content, False))
-            if refusal:
-                deltas.append((StreamKey(index, refusal=True), refusal, False))
-            deltas += texts.tools
+            deltas += texts.deltas(index, answer=state.mode != "ids")
             out["logprobs"] = self._logprobs(state, choice.get("logprobs"), content, refusal)
             kept.append(out)
         usage = usage_numbers(chunk.get("usage"))
@@ -232,14 +225,7 @@ class ChunkReader:
             if state.mode == "ids":
                 deltas.append((StreamKey(index), ids, False))
                 out["token_ids"] = ids
-            else:
-                if reasoning:
-                    deltas.append((StreamKey(index), reasoning, True))
-                if content:
-                    deltas.append((StreamKey(index), content, False))
-            if refusal:
-                deltas.append((StreamKey(index, refusal=True), refusal, False))
-            deltas += texts.tools
+            deltas += texts.deltas(index, answer=state.mode != "ids")
             out["logprobs"] = self._logprobs(state, choice.get("logprobs"), content, refusal)
             if out["logprobs"] is not None and not self._logprobs_complete(state):
                 out["logprobs"] = None
@@ -461,6 +447,18 @@ class _Texts:
     content: str
     refusal: str
     tools: list[Delta]
+
+    def deltas(self, index: int, *, answer: bool) -> list[Delta]:
+        """What goes to the guard: the reasoning and answer text (unless the
+        choice's ids carry them), the refusal, the tool calls."""
+        deltas: list[Delta] = []
+        if answer and self.reasoning:
+            deltas.append((StreamKey(index), self.reasoning, True))
+        if answer and self.content:
+            deltas.append((StreamKey(index), self.content, False))
+        if self.refusal:
+            deltas.append((StreamKey(index, refusal=True), self.refusal, False))
+        return deltas + self.tools
 
 
 def _answer_parts(parts: list[Any]) -> str:

@@ -19,7 +19,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from guard import EngineCapacityError
+from guard import ContextLengthError, EngineCapacityError
 from integrations.gateway.chunks import ChunkReader, IdsMismatch, TooManyToolCalls, cut_chunk, rewrite_completion
 from integrations.gateway.limits import Cleanup, Ticket, within_limits
 from integrations.gateway.prompt import ChatRequest
@@ -38,7 +38,7 @@ from integrations.withhold import StreamGate
 if TYPE_CHECKING:
     from integrations.gateway.app import Gateway
 
-__all__ = ["Relay", "completion", "read_completion"]
+__all__ = ["Relay", "completion", "guard_failure", "read_completion"]
 
 log = logging.getLogger("crossguard.gateway")
 
@@ -415,10 +415,10 @@ async def completion(gateway: Gateway, chat: ChatRequest, body: bytes, request: 
     except GatewayError:
         raise
     except _NoSession as error:
-        raise _guard_error(gateway, chat, EngineCapacityError(str(error))) from None
+        raise guard_failure(gateway, chat, EngineCapacityError(str(error))) from None
     except Exception as error:
         if not gateway.config.fail_open:
-            raise _guard_error(gateway, chat, error) from error
+            raise guard_failure(gateway, chat, error) from error
         gateway.metrics.guard_errors.inc()
         log.error("request %s: guard failed, answer forwarded unjudged (fail_open): %r", chat.request_id, error)
         flagged = {}
@@ -429,13 +429,17 @@ async def completion(gateway: Gateway, chat: ChatRequest, body: bytes, request: 
     return JSONResponse(answer)
 
 
-def _guard_error(gateway: Gateway, chat: ChatRequest, error: BaseException) -> GatewayError:
+def guard_failure(gateway: Gateway, chat: ChatRequest, error: BaseException, what: str = "") -> GatewayError:
+    """The client's error for a guard failure before any answer went out (``what``: on what)."""
     gateway.metrics.guard_errors.inc()
-    log.error("request %s: guard failed: %r", chat.request_id, error)
+    log.error("request %s: guard failed%s: %r", chat.request_id, what and f" on {what}", error)
     if isinstance(error, EngineCapacityError):
         gateway.metrics.requests.labels("overloaded").inc()
         return GatewayError(503, "the moderation guard is at capacity; retry shortly", type="server_error",
                             code="guard_capacity", headers={"retry-after": "1"})  # fmt: skip
+    if isinstance(error, ContextLengthError):
+        return GatewayError(400, f"the {what or 'text'} is longer than the guard can judge: {error}",
+                            type="invalid_request_error", param="messages", code="context_length_exceeded")
     gateway.metrics.requests.labels("guard_error").inc()
-    return GatewayError(500, f"the moderation guard failed ({type(error).__name__})", type="server_error",
-                        code="guard_error")  # fmt: skip
+    return GatewayError(500, f"the moderation guard failed{what and f' on {what}'} ({type(error).__name__})",
+                        type="server_error", code="guard_error")  # fmt: skip
