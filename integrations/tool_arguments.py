@@ -12,9 +12,11 @@ same JSON with every escape inside strings undone, as they arrive:
     text.finish()                       # ''
 
 The structure (braces, keys, numbers) stays, so the guard reads the call as a
-tool does. What is not JSON passes through as it came (a model can write
-broken arguments; the guard judges them as text). A surrogate pair escape
-becomes its character; a lone surrogate becomes U+FFFD (the guard reads text).
+tool does. Escapes are undone wherever they stand: in valid JSON only strings
+hold them, and in broken arguments (a model can write those) a lenient parser
+might read them too, so the guard reads them decoded. Anything else passes as
+it came. A surrogate pair escape becomes its character; a lone surrogate
+becomes U+FFFD (the guard reads text).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import re
 __all__ = ["ArgumentsText", "arguments_text"]
 
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_QUOTE_OR_BACKSLASH = re.compile(r'["\\]')
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 
 
@@ -34,10 +35,9 @@ class ArgumentsText:
     rest. For every way of cutting a text, the pushes and the finish join to
     ``arguments_text(text)``."""
 
-    __slots__ = ("_in_string", "_pending", "_surrogate")
+    __slots__ = ("_pending", "_surrogate")
 
     def __init__(self) -> None:
-        self._in_string = False
         self._pending = ""  # an escape not complete yet (starts with a backslash)
         self._surrogate = ""  # a high surrogate waiting for its low half
 
@@ -47,25 +47,12 @@ class ArgumentsText:
         self._pending = ""
         position = 0
         while position < len(text):
-            if not self._in_string:
-                quote = text.find('"', position)
-                if quote < 0:
-                    out.append(self._flush_surrogate() + text[position:])
-                    break
-                out.append(self._flush_surrogate() + text[position : quote + 1])
-                self._in_string, position = True, quote + 1
-                continue
-            found = _QUOTE_OR_BACKSLASH.search(text, position)
-            if found is None:
+            at = text.find("\\", position)
+            if at < 0:
                 out.append(self._flush_surrogate() + text[position:])
                 break
-            at = found.start()
             if at > position:
                 out.append(self._flush_surrogate() + text[position:at])
-            if text[at] == '"':
-                out.append(self._flush_surrogate() + '"')
-                self._in_string, position = False, at + 1
-                continue
             escape = self._escape(text, at)
             if escape is None:  # not complete yet: wait for the next delta
                 self._pending = text[at:]
