@@ -6,7 +6,10 @@ re-emits the upstream's streamed chunks only once the guard has judged their
 text (debounce-aware, ``integrations.withhold.StreamGate``), and cuts the
 stream at a flag: the flagged text is withheld, a last chunk says
 ``finish_reason: "content_filter"`` with the verdict, then ``data: [DONE]``,
-and the upstream request is closed so the generator stops.
+and the upstream request is closed so the generator stops. It relays only
+what it judged: every chunk and answer is rebuilt from the fields it knows
+(the allowlist in ``integrations.gateway.chunks``), the upstream's error
+texts go to the log, and limits bound every wait and every buffer.
 
     crossguard serve --upstream http://127.0.0.1:8000/v1 --generator llama3
 
