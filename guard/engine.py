@@ -224,6 +224,9 @@ class EngineSession(GuardSession):
         super().close()  # takes the lock: waits for a call in flight to end
         self._engine._release(self)
 
+    def _new_twin(self) -> EngineSession:
+        return self._engine._admit(self.policy, self._position)
+
     # --- asyncio ------------------------------------------------------------
 
     async def append_async(self, ids: int | Iterable[int]) -> list[Verdict]:
@@ -389,6 +392,10 @@ class GuardEngine:
     def session(self, policy: Policy | None = None) -> EngineSession:
         """A new conversation served by this engine; refused with
         ``EngineCapacityError`` at ``max_sessions`` or when the KV budget is spent."""
+        return self._admit(policy)
+
+    def _admit(self, policy: Policy | None, positions: int = 0) -> EngineSession:
+        """A new session that will hold ``positions`` (a fork's copy) at once."""
         with self._condition:
             self._check_open()
             if len(self._sessions) >= self.max_sessions:
@@ -400,6 +407,8 @@ class GuardEngine:
             budget = self.kv_budget_bytes
             if budget is not None and self._kv_tokens() * self._kv_bytes_per_token >= budget:
                 raise EngineCapacityError(self._budget_message("a new session needs room"))
+            if budget is not None and (self._kv_tokens() + positions) * self._kv_bytes_per_token > budget:
+                raise EngineCapacityError(self._budget_message(f"a fork holding {positions} positions needs room"))
             session = EngineSession(self, policy)
             self._sessions.add(session)
             return session

@@ -351,6 +351,22 @@ class GuardSession:
             if self._reasoning_end is not None and position <= self._reasoning_end:
                 self._reasoning_end = None
 
+    def fork(self) -> GuardSession:
+        """A new session whose state equals this one's: the prompt judged, the
+        query verdict, the position, the debounce and the reasoning state, and
+        a copy of the KV cache (no forward). The two go on independently; each
+        must be closed. On an engine, the new session counts against
+        ``max_sessions`` and the KV budget like any other."""
+        with self._lock:
+            self._check_open()
+            twin = self._new_twin()
+            try:
+                twin._copy_state_of(self)
+            except BaseException:
+                twin.close()
+                raise
+            return twin
+
     def close(self) -> None:
         """Free the KV cache; the session cannot be used afterwards."""
         with self._lock:
@@ -364,6 +380,18 @@ class GuardSession:
         self.close()
 
     # --- internals --------------------------------------------------------
+
+    def _new_twin(self) -> GuardSession:
+        return GuardSession(self._guard, self.policy)
+
+    def _copy_state_of(self, other: GuardSession) -> None:
+        self._cache = _copy_cache(other._cache, self._guard.config)
+        for name in ("_position", "_response_start", "_reasoning_start", "_reasoning", "_reasoning_end",
+                     "_finished_at", "_warned_past_trained_length"):  # fmt: skip
+            setattr(self, name, getattr(other, name))
+        self._debouncer = None if other._debouncer is None else _copy_debouncer(other._debouncer)
+        self.query_verdict = other.query_verdict
+        self.last_logits = other.last_logits
 
     def _check_open(self) -> None:
         if self._closed:
@@ -456,3 +484,23 @@ class GuardSession:
             hidden = self._guard.model.hidden_states(input_ids, self._cache)[0]
             self._position += len(ids)
         return hidden
+
+
+def _copy_cache(cache, config):
+    """A copy of a session's KV cache (its used positions only)."""
+    twin = new_cache(config)
+    for source, layer in zip(cache.layers, twin.layers, strict=True):
+        if source._key_buffer is None:
+            continue
+        layer.device, layer.is_initialized = source.device, True
+        layer._key_buffer = source._key_buffer[..., : source.length, :].clone()
+        layer._value_buffer = source._value_buffer[..., : source.length, :].clone()
+        layer.rewind(source.length)
+    return twin
+
+
+def _copy_debouncer(debouncer: Debouncer) -> Debouncer:
+    twin = Debouncer(debouncer.policy, debouncer.start)
+    twin._levels = list(debouncer._levels)
+    twin._flagged_at = debouncer.flagged_at
+    return twin

@@ -21,8 +21,10 @@ import tempfile
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, TextIO
+
+from integrations.common import SetupError, load_generator_tokenizer, verdict_fields
+from integrations.common import one_line as _one_line
 
 __all__ = ["main"]
 
@@ -50,51 +52,11 @@ EXIT_STATUS = (
 )
 
 
-class SetupError(Exception):
-    """The run cannot start (one sentence for the user; exit status 2)."""
-
-
 class LineError(Exception):
     """One input line cannot be judged; the others still are."""
 
 
 # --- loading ----------------------------------------------------------------
-
-
-def load_generator_tokenizer(name_or_path: str) -> Any:
-    """A bundled tokenizer by name, or a tokenizer.json, a SentencePiece
-    .model, or a local transformers tokenizer folder."""
-    from adapter.bundled_tokenizers import GENERATORS, generator_tokenizer
-
-    path = Path(name_or_path)
-    try:
-        if name_or_path in GENERATORS:
-            return generator_tokenizer(name_or_path)
-        if path.is_file() and path.suffix == ".json":
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(str(path))
-        if path.is_file() and path.suffix == ".model":
-            try:
-                import sentencepiece
-            except ImportError as error:
-                from integrations.extras import install_hint
-
-                raise SetupError(f"{name_or_path} is a SentencePiece model: {install_hint('sentencepiece')}") from error
-
-            return sentencepiece.SentencePieceProcessor(model_file=str(path))
-        if path.is_dir():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except SetupError:
-        raise
-    except Exception as error:  # tokenizers and sentencepiece raise bare exceptions for damaged files
-        raise SetupError(f"could not load the generator tokenizer {name_or_path!r}: {_one_line(error)}") from error
-    raise SetupError(
-        f"no generator tokenizer {name_or_path!r}: give one of {', '.join(GENERATORS)}, "
-        "a tokenizer.json, a SentencePiece .model or a local tokenizer folder"
-    )
 
 
 def check_device(device: str | None) -> None:
@@ -145,10 +107,6 @@ def load_guard(args: argparse.Namespace, folder: str) -> Any:
         raise SetupError(
             f"{_one_line(error)} (or run with --tiny to see the pipeline on a random demo guard)"
         ) from error
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --- input lines ------------------------------------------------------------
@@ -320,30 +278,6 @@ def _decoded(decode_ids: Any, generator: Any, ids: list[int]) -> str | None:
         return decode_ids(generator, ids)
     except Exception:  # an id the tokenizer does not have: pushing it says so, with the id
         return None
-
-
-VERDICT_KEYS = (
-    "position", "risk_level", "risk_prob", "category", "category_prob", "unsafe", "flagged", "flagged_at",
-    "past_trained_length",
-)  # fmt: skip
-
-
-def verdict_fields(verdict: Any) -> dict:
-    """The verdict keys of a JSON row: every key always present, all null
-    when there is no verdict (a token with no text before any guard token)."""
-    if verdict is None:
-        return dict.fromkeys(VERDICT_KEYS)
-    return {
-        "position": verdict.position,
-        "risk_level": verdict.risk_level,
-        "risk_prob": round(verdict.risk_prob, 4),
-        "category": verdict.category,
-        "category_prob": None if verdict.category_prob is None else round(verdict.category_prob, 4),
-        "unsafe": verdict.unsafe,
-        "flagged": verdict.flagged,
-        "flagged_at": getattr(verdict, "flagged_at", None),
-        "past_trained_length": getattr(verdict, "past_trained_length", False),
-    }
 
 
 def token_fields(index: int | None, generator_id: int | None, text: str, start: int | None, end: int | None) -> dict:
@@ -894,6 +828,13 @@ def _add_serve_parser(commands: Any) -> None:
                        help="largest request body; larger get HTTP 413")  # fmt: skip
     serve.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="longest a request may take, stream included")  # fmt: skip
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest a client may take to send its request body (then HTTP 408)")  # fmt: skip
+    serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest a client may leave a streamed chunk unread before it is dropped")  # fmt: skip
+    serve.add_argument("--max-tool-calls", type=_positive_int, default=16, metavar="N",
+                       help="tool calls one answer may make (each is judged as its own guard stream); more end "
+                       "the answer with an error")  # fmt: skip
     serve.add_argument("--ray", action="store_true", help="run the gateway on Ray Serve (needs crossguard[ray])")
     # None by default, so that giving one without --ray is noticed (a usage error).
     serve.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
@@ -916,6 +857,7 @@ def gateway_config(args: argparse.Namespace, guard: str) -> Any:
             token_ids=args.token_ids, judge_tool_calls=args.judge_tool_calls, api_key=args.api_key,
             upstream_api_key=args.upstream_api_key, fail_open=args.fail_open, refusal=args.refusal or DEFAULT_REFUSAL,
             max_streams=args.max_streams, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+            body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout, max_tool_calls=args.max_tool_calls,
             device=args.device,
         )  # fmt: skip
     except ValueError as error:

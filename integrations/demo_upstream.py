@@ -53,11 +53,14 @@ scripts the requests that carry none (``demo_answer`` for the demo):
     and closes);
     ``"delay_ms": x`` sleeps before every token; ``"ping": true`` writes
     ``: ping`` comment lines between chunks.
-``test_timestamps``: true
+``test_timestamps``: true, or a tag
     every streamed ``chat.completion.chunk`` carries ``"sent_at"``, the
     server's ``time.monotonic()`` taken right before the chunk is written
     (system-wide on Linux, so a client or a gateway in another process can
-    compare it with its own clock; the gateway benchmark does).
+    compare it with its own clock; the gateway benchmark does). With a tag
+    (a string), the stamps are also kept, in order, for ``GET
+    /test/stamps/{tag}`` (which hands them over once): a moderating gateway
+    relays only the fields it knows, so its clients read them there.
 ``test_skip_forward``: true
     a scripted answer's tokens are taken from the script without running the
     model (a nearly free upstream, so that a benchmark of what sits in front
@@ -472,6 +475,7 @@ class UpstreamServer:
         self._errors: list[str] = []
         self._aborted = 0
         self._active = 0
+        self._stamps: dict[str, list[float]] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -610,6 +614,7 @@ class UpstreamServer:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/test/stamps/{tag}", self._stamps_of, methods=["GET"]),
                 Route("/{path:path}", self._unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
             ]
         )
@@ -637,6 +642,10 @@ class UpstreamServer:
     async def _health(self, request: Request) -> Response:
         self._record_request(request, None)
         return Response(status_code=200)
+
+    async def _stamps_of(self, request: Request) -> Response:
+        with self._lock:
+            return JSONResponse(self._stamps.pop(request.path_params["tag"], []))
 
     async def _unknown(self, request: Request) -> Response:
         self._record_request(request, None)
@@ -766,6 +775,7 @@ class UpstreamServer:
         merged = (body.get("test_finish") or self.finish) == "merged"
         ping = bool(fail.get("ping"))
         stamp = bool(body.get("test_timestamps"))
+        tag = body.get("test_timestamps") if isinstance(body.get("test_timestamps"), str) else None
         drop_after, error_after = fail.get("drop_after"), fail.get("error_event_after")
         head = {"id": record["id"], "object": "chat.completion.chunk", "created": record["created"]}
         head["model"] = self.model_name
@@ -774,6 +784,9 @@ class UpstreamServer:
         async def emit(payload: Any) -> None:
             if stamp and isinstance(payload, dict) and payload.get("object") == "chat.completion.chunk":
                 payload = {**payload, "sent_at": time.monotonic()}
+                if tag is not None:
+                    with self._lock:
+                        self._stamps.setdefault(tag, []).append(payload["sent_at"])
             data = _sse(payload)
             if ping:
                 data += b": ping\n\n"

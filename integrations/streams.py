@@ -13,10 +13,13 @@ in text mode) and is judged in the order its deltas arrive:
     streams.close()                                                      # frees every KV cache
 
 ``judge_tool_calls=False`` exempts tool-call arguments (they are then not
-judged at all). The LangChain handler and the OpenAI-compatible gateway share
-this: a streamed chunk names its choice and its tool-call index, and each
-(choice, tool call) pair maps to one stream. A stream opens lazily, at its
-first non-empty delta, and costs one prompt forward.
+judged at all; a refusal is not a tool call and is always judged). The
+LangChain handler and the OpenAI-compatible gateway share this: a streamed
+chunk names its choice and its tool-call index, and each (choice, tool call)
+pair maps to one stream. The prompt is judged once: a stream opens lazily,
+at its first non-empty delta; the first one takes the session that judged
+the prompt, and each later one is a ``fork()`` of a session in that state
+(no forward).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from threading import Lock
 from typing import Any
 
 from adapter import GuardAdapter, JudgedPiece
@@ -33,15 +37,27 @@ __all__ = ["GuardStreams", "StreamKey", "first_flagged"]
 
 @dataclass(frozen=True, slots=True)
 class StreamKey:
-    """Which generated text: the message text of ``choice`` (``tool_call`` is
-    None) or the arguments of its tool call number ``tool_call`` (the index
-    the stream gives it; a str for calls that come without one)."""
+    """Which generated text: the message text of ``choice``, its ``refusal``
+    text (OpenAI's ``refusal`` field), or the arguments of its tool call
+    number ``tool_call`` (the index the stream gives it; a str for calls
+    that come without one)."""
 
     choice: int = 0
     tool_call: int | str | None = None
+    refusal: bool = False
+
+    @property
+    def is_tool_call(self) -> bool:
+        return self.tool_call is not None
+
+    @property
+    def is_message_text(self) -> bool:
+        return self.tool_call is None and not self.refusal
 
     def __str__(self) -> str:
         where = f"choice {self.choice}"
+        if self.refusal:
+            return where + " refusal"
         return where + (" text" if self.tool_call is None else f" tool call {self.tool_call} arguments")
 
 
@@ -86,14 +102,19 @@ class GuardStreams:
         self._flag_spans: dict[StreamKey, tuple[int, int]] = {}  # text offsets of the two tokens that flagged
         self._last_start: dict[StreamKey, int] = {}  # start offset of the last guard token judged
         self._id_streams: set[StreamKey] = set()  # streams fed generator ids (the others take text deltas)
-        self._spare: Any = None  # the session of judge_prompt(), for the first stream to open
+        self._template: Any = None  # the session that judged the prompt, until the first stream takes it
+        self._sessions: list[Any] = []  # the streams' sessions, the first stream's first
+        self._lock = Lock()  # close() may come from another thread while a call opens a stream
         self._closed = False
 
     # --- streams ----------------------------------------------------------
 
     def judges(self, key: StreamKey) -> bool:
         """Whether this stream is judged at all (tool calls can be exempt)."""
-        return key.tool_call is None or self.judge_tool_calls
+        return not key.is_tool_call or self.judge_tool_calls
+
+    def is_open(self, key: StreamKey) -> bool:
+        return key in self._adapters
 
     @property
     def keys(self) -> list[StreamKey]:
@@ -103,57 +124,57 @@ class GuardStreams:
     @property
     def live_sessions(self) -> int:
         """Guard sessions still holding a KV cache."""
-        return len(self._adapters) + (self._spare is not None) if not self._closed else 0
+        return len(self._sessions) + (self._template is not None) if not self._closed else 0
 
     def judge_prompt(self) -> Any:
         """Judge the prompt now, before any stream opens (a gateway refuses a
         flagged prompt before forwarding it); the session is kept for the
         first stream, whichever it is and however it is fed. Returns the
-        prompt's verdict."""
+        prompt's verdict. ``close()`` from another thread stops it (the
+        session's queued work is dropped)."""
         if self.query_verdict is not None:
             return self.query_verdict
-        if self._closed:
-            raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
-        session = self.guard.session(self.policy)
-        try:
-            self.query_verdict = session.moderate_prompt(self.prompt)
-        except BaseException:
-            session.close()
-            raise
-        self._spare = session
+        with self._lock:
+            self._check_open()
+            if self._template is None and not self._sessions:
+                self._template = self.guard.session(self.policy)
+            template = self._template
+        self.query_verdict = template.moderate_prompt(self.prompt)
         return self.query_verdict
 
     def open(self, key: StreamKey, *, ids: bool = False) -> GuardAdapter:
-        """The stream's adapter, opening it (a new session that judges the
-        prompt) on first use. ``ids``: the stream will be fed generator token
-        ids (``push_ids``), decoded with ``source_tokenizer``, instead of text."""
+        """The stream's adapter, opening it on first use (with the session
+        that judged the prompt, or a fork of one in that state; the prompt is
+        judged now if it was not yet). ``ids``: the stream will be fed
+        generator token ids (``push_ids``), decoded with ``source_tokenizer``,
+        instead of text."""
         adapter = self._adapters.get(key)
         if adapter is not None:
             if ids != (key in self._id_streams):
                 fed = "generator ids" if key in self._id_streams else "text deltas"
                 raise ValueError(f"the {key} stream is fed {fed}; one stream cannot take both")
             return adapter
-        if self._closed:
-            raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
+        self._check_open()
         if ids and self.source_tokenizer is None:
             raise ValueError("generator ids need the generator's tokenizer: GuardStreams(..., source_tokenizer=...)")
-        session, judged = (self._spare, True) if self._spare is not None else (self.guard.session(self.policy), False)
-        self._spare = None
-        try:
-            source = self.source_tokenizer if ids else None
-            adapter = GuardAdapter(session, source, on_guard_tokens=partial(self._observe, key))
-            verdict = self.query_verdict if judged else adapter.moderate_prompt(self.prompt)
-        except BaseException:
-            session.close()
-            raise
-        if self.query_verdict is None:
-            self.query_verdict = verdict
+        self.judge_prompt()
+        with self._lock:
+            session, self._template = self._template, None
+        if session is None:
+            session = self._fork_prompt_state()  # outside the lock: close() must be able to stop a fork that waits
+        with self._lock:
+            if self._closed:
+                session.close()
+                self._check_open()
+            self._sessions.append(session)
+        adapter = GuardAdapter(session, self.source_tokenizer if ids else None,
+                               on_guard_tokens=partial(self._observe, key))  # fmt: skip
         self._adapters[key] = adapter
         if ids:
             self._id_streams.add(key)
         self.pieces[key] = []
         self._generated[key] = []
-        if key.tool_call is None and self.response_prefix:
+        if key.is_message_text and self.response_prefix:
             self._prefix_pieces[key] = 1
             self.pieces[key] += adapter.push_text(self.response_prefix)
         return adapter
@@ -265,7 +286,7 @@ class GuardStreams:
         span = self._flag_spans.get(key) if self.flag(key) is not None else None
         if span is None:
             return None
-        prefix = self.response_prefix if key.tool_call is None else ""
+        prefix = self.response_prefix if key.is_message_text else ""
         return (prefix + self.text(key))[span[0] : span[1]]
 
     def _observe(self, key: StreamKey, tokens: list, verdicts: list) -> None:
@@ -282,15 +303,33 @@ class GuardStreams:
     # --- lifetime ---------------------------------------------------------
 
     def close(self) -> None:
-        """Free every session's KV cache (idempotent). Judged pieces stay."""
+        """Free every session's KV cache (idempotent; from any thread: a call
+        of these streams waiting for the guard then fails). Judged pieces stay."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = [*self._sessions, *([self._template] if self._template is not None else [])]
+        for session in sessions:
+            session.close()
+
+    def _fork_prompt_state(self) -> Any:
+        """A session in the state right after the prompt: a fork of the first
+        stream's, rolled back to where its response starts (and to the
+        scaffold's empty think block, if it began reasoning)."""
+        session = self._sessions[0].fork()
+        try:
+            session.rollback(session.response_start)
+            if session.reasoning:
+                session.cancel_reasoning()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _check_open(self) -> None:
         if self._closed:
-            return
-        self._closed = True
-        if self._spare is not None:
-            self._spare.close()
-            self._spare = None
-        for adapter in self._adapters.values():
-            adapter.session.close()
+            raise RuntimeError("these guard streams were closed; start a new GuardStreams for a new request")
 
     @property
     def closed(self) -> bool:

@@ -169,6 +169,8 @@ class StreamGate(Generic[Item]):
     pushed before the next is read. ``push`` after a flag returns nothing.
     """
 
+    _NEVER = 1 << 62  # a source index no stream reaches
+
     def __init__(self, streams: GuardStreams) -> None:
         self.streams = streams
         self.withholders: dict[StreamKey, Withholder] = {}
@@ -207,6 +209,61 @@ class StreamGate(Generic[Item]):
             if self.flag is not None:
                 break
         return self._ready()
+
+    def push_many(self, entries: Iterable[tuple[Item, Iterable[tuple]]]) -> list[Item]:
+        """``push`` for several items in a row, with the generator ids that
+        consecutive items give one stream judged in one call (one guard
+        forward for a stream's tokens of the whole run, where ``push`` makes
+        one per item). Each item still waits for its own text only, and the
+        verdicts are those of pushing the items one by one."""
+        if self.flag is not None:
+            return []
+        if self._finished:
+            raise RuntimeError("this StreamGate was finished; make a new one for a new response")
+        run: list = []  # [key, reasoning, ids, [(needs of an item, ids of the run up to its end)]]
+        for item, deltas in entries:
+            if self.flag is not None:
+                break
+            needs: list[tuple[StreamKey, int]] = []
+            self._waiting.append((item, needs))
+            for key, delta, *kind in deltas:
+                if not delta or not self.streams.judges(key):
+                    continue
+                reasoning = bool(kind and kind[0])
+                if not isinstance(delta, str):
+                    if run and (run[0], run[1]) != (key, reasoning):
+                        self._push_run(run)
+                        run = []
+                    if not run:
+                        run = [key, reasoning, [], []]
+                    run[2] += delta
+                    run[3].append((needs, len(run[2])))
+                    continue
+                if run:
+                    self._push_run(run)
+                    run = []
+                if self.flag is not None:
+                    break
+                pieces = self.streams.push(key, delta, reasoning=reasoning)
+                needs.append((key, self.streams.pushed(key) - 1))
+                self._withhold(key, pieces)
+                if self.flag is not None:
+                    break
+        if run:
+            self._push_run(run)
+        return self._ready()
+
+    def _push_run(self, run: list) -> None:
+        key, reasoning, ids, owners = run
+        if self.flag is not None:  # not judged: the items that carried these ids never go out
+            for needs, _end in owners:
+                needs.append((key, self._NEVER))
+            return
+        pieces = self.streams.push_ids(key, ids, reasoning=reasoning)
+        first = self.streams.pushed(key) - len(ids)  # source pieces are ids, one each
+        for needs, end in owners:
+            needs.append((key, first + end - 1))
+        self._withhold(key, pieces)
 
     def finish(self) -> list[Item]:
         """End of the response: judge what each stream still holds back;

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import time
 
 import httpx
 import openai
@@ -19,7 +17,7 @@ import pytest
 from adapter.bundled_tokenizers import generator_tokenizer
 from guard import StreamGuard
 from integrations.gateway import DEFAULT_REFUSAL, GatewayConfig, create_app
-from tests.gateway_harness import UNSAFE_PROMPT, AppServer, write_gateway_guard
+from tests.gateway_harness import UNSAFE_PROMPT, AppServer, metric, wait_for, write_gateway_guard
 from tests.upstream_server import MODEL_NAME, UpstreamServer
 
 SAFE = "Hello! Paris is the capital of France, and it is lovely in spring."
@@ -89,22 +87,6 @@ def stream(server, script=None, **body):
 
 def finish_reasons(chunks) -> list[str]:
     return [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def last_completion(upstream):
@@ -326,10 +308,12 @@ def test_langchain_chat_openai_through_the_gateway(gateway):
 # --- failures --------------------------------------------------------------------------------------
 
 
-def test_upstream_status_errors_pass_through(gateway):
+def test_upstream_status_errors_pass_through_in_the_gateways_words(gateway, caplog):
+    # The status and the error's type pass; its text (which may quote the model) goes to the log only.
     with pytest.raises(openai.InternalServerError) as failed:
         stream(gateway, SAFE, extra_body={"test_fail": {"status": 500, "message": "engine exploded"}})
-    assert failed.value.status_code == 500 and "engine exploded" in str(failed.value)
+    assert failed.value.status_code == 500 and "engine exploded" not in str(failed.value)
+    assert failed.value.body["type"] == "InternalServerError" and "engine exploded" in caplog.text
     with pytest.raises(openai.NotFoundError):
         client(gateway).chat.completions.create(model="no-such-model", messages=MESSAGES)
 

@@ -58,8 +58,13 @@ class SessionLedger:
         self.sessions = []
 
     def session(self, policy=None):
-        session = self.guard.session(policy)
+        return self._track(self.guard.session(policy))
+
+    def _track(self, session):
+        """Record the session, and the forks made from it (a request's later guard streams)."""
         self.sessions.append(session)
+        fork = session.fork
+        session.fork = lambda: self._track(fork())
         return session
 
     def __getattr__(self, name):

@@ -279,3 +279,8 @@ def test_benchmark_fields_stamp_chunks_and_skip_the_forward(server):
     assert len(stamped) >= 5 and stamped == sorted(stamped)
     text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks(lines) if chunk["choices"])
     assert text == "One two three four."
+    # With a tag, the stamps are also handed over by GET /test/stamps/{tag}, once.
+    lines = raw_stream(server, test_script="One two.", test_timestamps="tag-1", test_skip_forward=True)
+    stamps = httpx.get(server.url.removesuffix("/v1") + "/test/stamps/tag-1").json()
+    assert stamps == [chunk["sent_at"] for chunk in chunks(lines) if "sent_at" in chunk] and len(stamps) >= 3
+    assert httpx.get(server.url.removesuffix("/v1") + "/test/stamps/tag-1").json() == []
