@@ -225,7 +225,7 @@ def test_long_prompt_is_chunked_and_decodes_are_served_meanwhile(tiny_guard):
         streamer.moderate_prompt("hello")
         with ThreadPoolExecutor(1) as pool:
             prompt_future = pool.submit(reader.moderate_prompt, long_prompt)
-            poll(lambda: reader._cache.layers[0].get_seq_length() > 0, "the long prompt to start")
+            poll(lambda: reader._kv.length > 0, "the long prompt to start")
             ids = [random.Random(1).randrange(ORDINARY) for _ in range(6)]
             decoded = [streamer.append(token_id) for token_id in ids]
             # Every decode was served while the prompt was still being prefilled.
@@ -312,8 +312,7 @@ def test_a_failed_batch_fails_its_sessions_only_and_leaves_them_unchanged(tiny_g
     for session, prompt in ((a, "one"), (b, "two"), (c, "three")):
         session.moderate_prompt(prompt)
     a.append([1, 2])
-    before = {id(s): (s.position, s.kv_cache_bytes(), [layer.get_seq_length() for layer in s._cache.layers])
-              for s in (a, b)}  # fmt: skip
+    before = {id(s): (s.position, s.kv_cache_bytes(), s._kv.length) for s in (a, b)}
     release, _ = hold(engine)
     mlp = tiny_guard.model.model.layers[1].mlp
     failures = []
@@ -338,7 +337,7 @@ def test_a_failed_batch_fails_its_sessions_only_and_leaves_them_unchanged(tiny_g
             del mlp.forward
     assert failures and failures[0][1] == 4  # one step held both sessions' ids
     for s in (a, b):
-        assert (s.position, s.kv_cache_bytes(), [layer.get_seq_length() for layer in s._cache.layers]) == before[id(s)]
+        assert (s.position, s.kv_cache_bytes(), s._kv.length) == before[id(s)]
     # The engine keeps serving, and the failed sessions retry as if nothing happened.
     retried = a.append([3, 4, 5])
     later = c.append([7])

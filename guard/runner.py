@@ -1,0 +1,271 @@
+"""ModelRunner: the guard's model, its KV pool and its CUDA graphs; one step at a time.
+
+Every guard call goes through ``ModelRunner.run``: a plain ``GuardSession``
+(one segment per step, on the guard's own runner) and a ``GuardEngine`` (the
+segments of every waiting session, on the engine's runner). A step:
+
+1. makes room in the pool for every segment's new tokens (``KVPool.reserve``);
+2. packs the new tokens of all segments into one row and uploads the step's
+   integers (ids, positions, KV slots, region bases and lengths, arithmetic)
+   in one host-to-device copy;
+3. runs the backbone with transformers' own Qwen3 modules and weights over
+   the packed row (each token at its own session's position), writing each
+   layer's new keys and values into the pool with one ``index_copy_``;
+   attention (``guard.attention``): the rows of segments of up to
+   ``GATHER_SEGMENT_TOKENS`` tokens in one batched call, longer segments
+   (prompt chunks) each in place over their own slice;
+4. runs both heads over every row and turns the logits into verdict numbers
+   on the device (``guard.verdict_math``), then copies them to the host once;
+5. commits: each region's length grows by its tokens. A step that raises
+   commits nothing (the keys it wrote lie past the lengths), so the caller's
+   session is as it was.
+
+On CUDA a step whose rows all take the batched attention runs as a CUDA
+graph per (rows, span) bucket (``guard.step_graphs``). On the CPU, rows of a
+session whose cache holds more than ``in_place_from`` positions attend in
+place instead: there the gather's copy of a long cache costs more than a call
+per session saves (measured on the 2-core machine, 16 streams: the batched
+call wins at ~100 positions and loses 4x at 2,000, where reading the cache
+once is all the step does).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from guard.attention import GatheredAttention, attend_in_place, attention_backends
+from guard.kv_pool import KVPool, KVRegion
+from guard.model import GuardLogits
+from guard.step_graphs import StepGraphs
+from guard.verdict_math import COLUMNS, verdict_columns
+
+if TYPE_CHECKING:
+    from guard.stream_guard import StreamGuard
+
+__all__ = ["GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
+
+#: "auto": CUDA graphs on CUDA, none elsewhere; "eager": the graphs' fixed
+#: shapes and static buffers without capturing (any device: for tests and
+#: debugging); "off": never.
+GraphMode = Literal["auto", "eager", "off"]
+
+#: A session's new tokens in one step, up to this many, go in the batched attention.
+GATHER_SEGMENT_TOKENS = 8
+#: On the CPU, rows whose cache will hold more positions than this attend in place (see the module docstring).
+CPU_IN_PLACE_FROM = 256
+
+
+@dataclass(slots=True)
+class Segment:
+    """One session's new ids in a step, and its verdict arithmetic."""
+
+    region: KVRegion
+    ids: list[int]
+    upstream: bool
+
+
+@dataclass(slots=True)
+class Judged:
+    """What the model said about a session's ids: per id, the response
+    heads' verdict numbers then the query heads' (``COLUMNS`` each, see
+    ``guard.verdict_math``), and both heads' logits (on the model's device)."""
+
+    rows: list[list[float]]
+    response: GuardLogits
+    query: GuardLogits
+
+    @staticmethod
+    def concat(parts: list[Judged]) -> Judged:
+        if len(parts) == 1:
+            return parts[0]
+        return Judged(
+            [row for part in parts for row in part.rows],
+            GuardLogits(*(torch.cat([getattr(part.response, name) for part in parts]) for name in _LOGITS)),
+            GuardLogits(*(torch.cat([getattr(part.query, name) for part in parts]) for name in _LOGITS)),
+        )
+
+    def response_rows(self) -> list[list[float]]:
+        return [row[:COLUMNS] for row in self.rows]
+
+
+_LOGITS = ("risk_level", "category")
+
+
+@dataclass(slots=True)
+class StepOutput:
+    rows: list[list[float]]
+    response: GuardLogits
+    query: GuardLogits
+    offsets: list[int]  # of each segment's first row
+
+    def part(self, index: int) -> Judged:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return Judged(
+            self.rows[start:end],
+            GuardLogits(self.response.risk_level[start:end], self.response.category[start:end]),
+            GuardLogits(self.query.risk_level[start:end], self.query.category[start:end]),
+        )
+
+
+#: The integers a step uploads, one row each (``StepPlan.integers``).
+IDS, POSITIONS, SLOTS, BASES, LENGTHS, UPSTREAM = range(6)
+STEP_INTEGERS = 6
+
+
+class StepPlan:
+    """The host side of a step: its integers and which rows attend how."""
+
+    def __init__(self, segments: list[Segment], in_place_from: int | None) -> None:
+        columns: list[list[int]] = [[] for _ in range(STEP_INTEGERS)]
+        ids, positions, slots, bases, lengths, upstream = columns
+        self.offsets = [0]
+        self.gathered_rows: list[int] = []
+        self.in_place: list[tuple[int, int, int, int]] = []  # (offset, count, base, start)
+        self.longest = 0  # positions a gathered row attends over, at most
+        for segment in segments:
+            region, count, offset = segment.region, len(segment.ids), len(ids)
+            start, base = region.length, region.base
+            ids += segment.ids
+            positions += range(start, start + count)
+            slots += range(base + start, base + start + count)
+            bases += [base] * count
+            lengths += range(start + 1, start + count + 1)
+            upstream += [int(segment.upstream)] * count
+            self.offsets.append(offset + count)
+            if count <= GATHER_SEGMENT_TOKENS and (in_place_from is None or start + count <= in_place_from):
+                self.gathered_rows += range(offset, offset + count)
+                self.longest = max(self.longest, start + count)
+            else:
+                self.in_place.append((offset, count, base, start))
+        self.total = len(ids)
+        # One tensor, so that the step uploads its integers in one copy: the
+        # columns, then (when not every row is gathered) the gathered rows.
+        mixed = self.gathered_rows if len(self.gathered_rows) < self.total else []
+        self.integers = torch.tensor([value for column in columns for value in column] + mixed, dtype=torch.long)
+        flags = {segment.upstream for segment in segments}
+        #: The arithmetic of every row, when they agree (one softmax instead of two).
+        self.upstream: bool | None = flags.pop() if len(flags) == 1 else None
+
+
+class _MixedAttention:
+    """A step's attention when some segments attend in place: the gathered
+    rows in one call, then each in-place segment over its own slice."""
+
+    def __init__(self, gathered: GatheredAttention | None, rows: torch.Tensor | None, plan: StepPlan) -> None:
+        self.gathered, self.rows, self.in_place, self.total = gathered, rows, plan.in_place, plan.total
+
+    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        heads, head_dim = query.shape[1:]
+        attended = query.new_empty((self.total, heads * head_dim))
+        if self.gathered is not None:
+            attended.index_copy_(0, self.rows, self.gathered(query.index_select(0, self.rows), keys, values, scale))
+        for offset, count, base, start in self.in_place:
+            end = offset + count
+            attended[offset:end] = attend_in_place(query[offset:end], keys, values, base, start, scale)
+        return attended
+
+
+def span_for(positions: int) -> int:
+    """Positions a gathered row reads: a multiple of 16 (aligned for CUDA's kernels)."""
+    return -(-positions // 16) * 16
+
+
+class ModelRunner:
+    """Runs steps of the guard's model over a KV pool of its own (one at a time: ``lock``)."""
+
+    def __init__(self, guard: StreamGuard, *, graphs: GraphMode = "auto", max_graph_rows: int = 256) -> None:
+        if graphs not in ("auto", "eager", "off"):
+            raise ValueError(f"graphs must be 'auto', 'eager' or 'off', got {graphs!r}")
+        self.model = guard.model
+        self.config = guard.config
+        self.device = guard.device
+        self.pool = KVPool(guard.config, dtype=guard.dtype, device=guard.device)
+        #: Held by the thread running a step (and by a fork's copy): the only
+        #: code that moves data in the pool.
+        self.lock = threading.Lock()
+        cuda = self.device.type == "cuda"
+        #: Rows whose cache will hold more positions attend in place (None: never; see the module docstring).
+        self.in_place_from: int | None = None if cuda else CPU_IN_PLACE_FROM
+        capture = graphs == "auto" and cuda
+        fixed_shapes = capture or graphs == "eager"
+        self.graphs = StepGraphs(self, capture=capture, max_rows=max_graph_rows) if fixed_shapes else None
+
+    def run(self, segments: list[Segment]) -> StepOutput:
+        with self.lock, torch.inference_mode(), attention_backends(self.device):
+            self.pool.trim()
+            for segment in segments:
+                self.pool.reserve(segment.region, segment.region.length + len(segment.ids))
+            plan = StepPlan(segments, self.in_place_from)
+            graphs = self.graphs
+            if graphs is not None and not plan.in_place and plan.total <= graphs.max_rows:
+                rows, response, query = graphs.run(plan)
+            else:
+                rows, response, query = self._eager(plan)
+            for segment in segments:
+                segment.region.length += len(segment.ids)
+            return StepOutput(rows, response, query, plan.offsets)
+
+    def copy_kv(self, source: KVRegion, target: KVRegion) -> None:
+        """Give ``target`` the cached positions of ``source`` (a fork): a copy, no forward."""
+        with self.lock, torch.inference_mode():
+            self.pool.copy(source, target)
+
+    # --- the step ---------------------------------------------------------------------
+
+    def _eager(self, plan: StepPlan) -> tuple[list[list[float]], GuardLogits, GuardLogits]:
+        uploaded = plan.integers.to(self.device, non_blocking=True)
+        integers = uploaded[: STEP_INTEGERS * plan.total].view(STEP_INTEGERS, plan.total)
+        gathered = rows = None
+        if plan.gathered_rows:
+            rows = None if len(plan.gathered_rows) == plan.total else uploaded[STEP_INTEGERS * plan.total :]
+            bases, lengths = integers[BASES], integers[LENGTHS]
+            if rows is not None:
+                bases, lengths = bases.index_select(0, rows), lengths.index_select(0, rows)
+            gathered = GatheredAttention(bases, lengths, span_for(plan.longest), self.pool.capacity)
+        attend = gathered if rows is None and not plan.in_place else _MixedAttention(gathered, rows, plan)
+        hidden = self.layers(integers[IDS], integers[POSITIONS], integers[SLOTS], attend)
+        upstream = plan.upstream if plan.upstream is not None else integers[UPSTREAM].bool()
+        packed, response, query = self.judge(hidden, upstream)
+        return packed.tolist(), response, query  # the step's one device-to-host copy
+
+    def layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        """Final normed hidden states ``[tokens, hidden]`` of the packed ``ids``;
+        writes their keys and values into the pool at ``slots``. ``attend(query
+        [tokens, heads, head_dim], keys, values, scale)`` reads the pool."""
+        backbone = self.model.model
+        config = self.config
+        total = ids.shape[0]
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        storage = self.pool.storage
+        hidden = backbone.embed_tokens(ids[None])  # [1, tokens, hidden]: one packed row
+        cos, sin = backbone.rotary_emb(hidden, positions[None])
+        for index, layer in enumerate(backbone.layers[: config.num_hidden_layers]):
+            attention = layer.self_attn
+            head_dim = attention.head_dim
+            residual = hidden
+            normed = layer.input_layernorm(hidden)
+            query = attention.q_norm(attention.q_proj(normed).view(1, total, heads, head_dim))
+            key = attention.k_norm(attention.k_proj(normed).view(1, total, kv_heads, head_dim))
+            value = attention.v_proj(normed).view(1, total, kv_heads, head_dim)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
+            keys, values = storage[index, 0], storage[index, 1]
+            keys.index_copy_(0, slots, key[0])
+            values.index_copy_(0, slots, value[0])
+            attended = attend(query[0], keys, values, attention.scaling)
+            hidden = residual + attention.o_proj(attended[None])
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return backbone.norm(hidden)[0]
+
+    def judge(
+        self, hidden: torch.Tensor, upstream: bool | torch.Tensor
+    ) -> tuple[torch.Tensor, GuardLogits, GuardLogits]:
+        """Both heads over every row, and their verdict numbers ``[rows, 2 * COLUMNS]``."""
+        response = self.model.response_logits(hidden)
+        query = self.model.query_logits(hidden)
+        packed = torch.cat([verdict_columns(response, upstream), verdict_columns(query, upstream)], dim=1)
+        return packed, response, query
