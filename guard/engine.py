@@ -112,13 +112,14 @@ def _run_with_token(token: _CallToken, method: Callable[..., Any], args: tuple) 
 class _Request:
     """One session's ids waiting for (or inside) the batched forward."""
 
-    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "ids", "in_flight", "parts", "session",
-                 "thread", "token")  # fmt: skip
+    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "ids", "in_flight", "parts", "query",
+                 "session", "thread", "token")  # fmt: skip
 
-    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None) -> None:
+    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None, query: bool) -> None:
         self.session = session
         self.ids = ids
         self.token = token
+        self.query = query  # a prompt: the query heads' verdicts too
         # The caller's thread, blocked in this call until it completes (None on a pool thread).
         self.thread = None if getattr(_current_call, "pool", False) else threading.get_ident()
         self.consumed = 0  # ids already through the model (chunked prefill)
@@ -152,11 +153,11 @@ class EngineSession(GuardSession):
     def engine(self) -> GuardEngine:
         return self._engine
 
-    def _run(self, ids: list[int]) -> Judged:
+    def _run(self, ids: list[int], query: bool = False) -> Judged:
         # Atomic like GuardSession._run: if the engine fails, closes or
         # cancels the request, _step rewinds the chunks the worker cached.
         with self._step():
-            request = self._engine._submit(self, list(ids))
+            request = self._engine._submit(self, list(ids), query)
             parts = self._engine._wait(request)
             self._position += len(ids)
         return Judged.concat(parts)
@@ -424,7 +425,7 @@ class GuardEngine:
             "back long ones, retry when others have finished, or make the engine with a larger kv_budget_bytes"
         )
 
-    def _submit(self, session: EngineSession, ids: list[int]) -> _Request:
+    def _submit(self, session: EngineSession, ids: list[int], query: bool) -> _Request:
         token = getattr(_current_call, "token", None)
         with self._condition:
             self._check_open()
@@ -436,7 +437,7 @@ class GuardEngine:
                 needed = (self._kv_tokens() + len(ids)) * self._kv_bytes_per_token
                 if needed > self.kv_budget_bytes:
                     raise EngineCapacityError(self._budget_message(f"judging {len(ids)} more tokens needs room"))
-            request = _Request(session, ids, token)
+            request = _Request(session, ids, token, query)
             idle = not self._queue
             self._queue.append(request)
             self._last_arrival = time.monotonic()
@@ -584,7 +585,7 @@ class GuardEngine:
         for request, count in batch:
             session = request.session
             chunk = request.ids[request.consumed : request.consumed + count]
-            segments.append(Segment(session._kv, chunk, session._upstream))
+            segments.append(Segment(session._kv, chunk, session._upstream, request.query))
         tokens = sum(count for _request, count in batch)
         started = time.perf_counter()
         try:

@@ -14,8 +14,9 @@ segments of every waiting session, on the engine's runner). A step:
    attention (``guard.attention``): the rows of segments of up to
    ``GATHER_SEGMENT_TOKENS`` tokens in one batched call, longer segments
    (prompt chunks) each in place over their own slice;
-4. runs both heads over every row and turns the logits into verdict numbers
-   on the device (``guard.verdict_math``), then copies them to the host once;
+4. runs the response heads (and, in a step holding a prompt, the query
+   heads) over every row and turns the logits into verdict numbers on the
+   device (``guard.verdict_math``), then copies them to the host once;
 5. commits: each region's length grows by its tokens. A step that raises
    commits nothing (the keys it wrote lie past the lengths), so the caller's
    session is as it was.
@@ -42,7 +43,7 @@ from guard.attention import GatheredAttention, attend_in_place, attention_backen
 from guard.kv_pool import KVPool, KVRegion
 from guard.model import GuardLogits
 from guard.step_graphs import StepGraphs
-from guard.verdict_math import COLUMNS, verdict_columns
+from guard.verdict_math import verdict_columns
 
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
@@ -62,53 +63,79 @@ CPU_IN_PLACE_FROM = 256
 
 @dataclass(slots=True)
 class Segment:
-    """One session's new ids in a step, and its verdict arithmetic."""
+    """One session's new ids in a step, its verdict arithmetic, and whether
+    it wants the query heads (a prompt) besides the response heads."""
 
     region: KVRegion
     ids: list[int]
     upstream: bool
-
-
-@dataclass(slots=True)
-class Judged:
-    """What the model said about a session's ids: per id, the response
-    heads' verdict numbers then the query heads' (``COLUMNS`` each, see
-    ``guard.verdict_math``), and both heads' logits (on the model's device)."""
-
-    rows: list[list[float]]
-    response: GuardLogits
-    query: GuardLogits
-
-    @staticmethod
-    def concat(parts: list[Judged]) -> Judged:
-        if len(parts) == 1:
-            return parts[0]
-        return Judged(
-            [row for part in parts for row in part.rows],
-            GuardLogits(*(torch.cat([getattr(part.response, name) for part in parts]) for name in _LOGITS)),
-            GuardLogits(*(torch.cat([getattr(part.query, name) for part in parts]) for name in _LOGITS)),
-        )
-
-    def response_rows(self) -> list[list[float]]:
-        return [row[:COLUMNS] for row in self.rows]
-
-
-_LOGITS = ("risk_level", "category")
+    query: bool = False
 
 
 @dataclass(slots=True)
 class StepOutput:
+    """Per row of a step: the response heads' verdict numbers, then the
+    query heads' when the step ran them (``COLUMNS`` each, see
+    ``guard.verdict_math``); both heads' logits, on the model's device."""
+
     rows: list[list[float]]
     response: GuardLogits
-    query: GuardLogits
-    offsets: list[int]  # of each segment's first row
+    query: GuardLogits | None
+    offsets: list[int]  # of each segment's first row, and the end
 
     def part(self, index: int) -> Judged:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        return Judged(
-            self.rows[start:end],
-            GuardLogits(self.response.risk_level[start:end], self.response.category[start:end]),
-            GuardLogits(self.query.risk_level[start:end], self.query.category[start:end]),
+        return Judged([(self, self.offsets[index], self.offsets[index + 1])])
+
+
+class Judged:
+    """What the steps said about one session's ids: rows ``start:end`` of
+    one or more steps' outputs. The logits are sliced only when asked for
+    (``last_logits``), not by the worker for every session of every step."""
+
+    __slots__ = ("_spans",)
+
+    def __init__(self, spans: list[tuple[StepOutput, int, int]]) -> None:
+        self._spans = spans
+
+    @staticmethod
+    def concat(parts: list[Judged]) -> Judged:
+        return parts[0] if len(parts) == 1 else Judged([span for part in parts for span in part._spans])
+
+    def __len__(self) -> int:
+        return sum(end - start for _, start, end in self._spans)
+
+    @property
+    def rows(self) -> list[list[float]]:
+        if len(self._spans) == 1:
+            output, start, end = self._spans[0]
+            return output.rows[start:end]
+        return [row for output, start, end in self._spans for row in output.rows[start:end]]
+
+    def tail(self, first: int) -> Judged:
+        """The rows from ``first`` on."""
+        spans = []
+        for output, start, end in self._spans:
+            if first < end - start:
+                spans.append((output, start + max(first, 0), end))
+            first -= end - start
+        return Judged(spans)
+
+    @property
+    def response(self) -> GuardLogits:
+        return self._logits([(output.response, start, end) for output, start, end in self._spans])
+
+    @property
+    def query(self) -> GuardLogits:
+        return self._logits([(output.query, start, end) for output, start, end in self._spans])
+
+    @staticmethod
+    def _logits(spans: list[tuple[GuardLogits, int, int]]) -> GuardLogits:
+        if len(spans) == 1:
+            logits, start, end = spans[0]
+            return GuardLogits(logits.risk_level[start:end], logits.category[start:end])
+        return GuardLogits(
+            torch.cat([logits.risk_level[start:end] for logits, start, end in spans]),
+            torch.cat([logits.category[start:end] for logits, start, end in spans]),
         )
 
 
@@ -150,6 +177,7 @@ class StepPlan:
         flags = {segment.upstream for segment in segments}
         #: The arithmetic of every row, when they agree (one softmax instead of two).
         self.upstream: bool | None = flags.pop() if len(flags) == 1 else None
+        self.query = any(segment.query for segment in segments)
 
 
 class _MixedAttention:
@@ -230,7 +258,7 @@ class ModelRunner:
         attend = gathered if rows is None and not plan.in_place else _MixedAttention(gathered, rows, plan)
         hidden = self.layers(integers[IDS], integers[POSITIONS], integers[SLOTS], attend)
         upstream = plan.upstream if plan.upstream is not None else integers[UPSTREAM].bool()
-        packed, response, query = self.judge(hidden, upstream)
+        packed, response, query = self.judge(hidden, upstream, plan.query)
         return packed.tolist(), response, query  # the step's one device-to-host copy
 
     def layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -262,10 +290,13 @@ class ModelRunner:
         return backbone.norm(hidden)[0]
 
     def judge(
-        self, hidden: torch.Tensor, upstream: bool | torch.Tensor
-    ) -> tuple[torch.Tensor, GuardLogits, GuardLogits]:
-        """Both heads over every row, and their verdict numbers ``[rows, 2 * COLUMNS]``."""
+        self, hidden: torch.Tensor, upstream: bool | torch.Tensor, query: bool
+    ) -> tuple[torch.Tensor, GuardLogits, GuardLogits | None]:
+        """The response heads (and the query heads if ``query``) over every
+        row, and their verdict numbers ``[rows, COLUMNS or 2 * COLUMNS]``."""
         response = self.model.response_logits(hidden)
-        query = self.model.query_logits(hidden)
-        packed = torch.cat([verdict_columns(response, upstream), verdict_columns(query, upstream)], dim=1)
-        return packed, response, query
+        numbers = verdict_columns(response, upstream)
+        if not query:
+            return numbers, response, None
+        query_logits = self.model.query_logits(hidden)
+        return torch.cat([numbers, verdict_columns(query_logits, upstream)], dim=1), response, query_logits

@@ -117,10 +117,16 @@ class GuardSession:
         # the public methods.
         self._lock = threading.RLock()
         self.query_verdict: Verdict | None = None
-        #: Logits of the last ``append`` (or of the prompt), for inspection.
-        self.last_logits: GuardLogits | None = None
+        self._last_judged: Judged | None = None
 
     # --- state -----------------------------------------------------------
+
+    @property
+    def last_logits(self) -> GuardLogits | None:
+        """Response-head logits of the last call's ids (after the prompt: of
+        the scaffold after the user turn), on the model's device, for inspection."""
+        judged = self._last_judged
+        return None if judged is None else judged.response
 
     @property
     def guard(self) -> StreamGuard:
@@ -218,14 +224,13 @@ class GuardSession:
             self._check_room(len(conversation.ids))
             labels, at = self._guard.labels, conversation.query_position
             with self._step():
-                judged = self._run(conversation.ids)
+                judged = self._run(conversation.ids, query=True)
                 query = judged.rows[at][COLUMNS:]
                 row = _row(at, query, labels.query_risk_levels, labels.query_categories, self.policy)
-                # The scaffold after the user turn goes through the response
-                # head too; its verdicts belong to no response text.
-                scaffold_logits = GuardLogits(judged.response.risk_level[at + 1 :], judged.response.category[at + 1 :])
             self.query_verdict = Verdict(*row, past_trained_length=self._past_trained_length(at))
-            self.last_logits = scaffold_logits
+            # The scaffold after the user turn goes through the response
+            # head too; its verdicts belong to no response text.
+            self._last_judged = judged.tail(at + 1)
             self._response_start = conversation.response_start
             self._reasoning_start = conversation.reasoning_start
             self._debouncer = Debouncer(self.policy, self._response_start)
@@ -298,7 +303,7 @@ class GuardSession:
             self._reasoning = False
             self._response_start = self._position
             self._debouncer = Debouncer(self.policy, self._position)
-            self.last_logits = judged.response
+            self._last_judged = judged
             return [Verdict(*row, past_trained_length=self._past_trained_length(row[0])) for row in rows]
 
     def end_reasoning(self) -> list[Verdict]:
@@ -426,7 +431,7 @@ class GuardSession:
                     flagged, flagged_at = False, None
                 past = self._past_trained_length(row[0])
                 verdicts.append(Verdict(*row, flagged=flagged, flagged_at=flagged_at, past_trained_length=past))
-        self.last_logits = judged.response
+        self._last_judged = judged
         return verdicts
 
     def _check_room(self, count: int) -> None:
@@ -474,14 +479,15 @@ class GuardSession:
                 self._debouncer.rollback(position)
             raise
 
-    def _run(self, ids: list[int]) -> Judged:
-        """Cache ``ids`` and judge them with both heads, in steps of at most
-        ``SESSION_CHUNK`` tokens on the guard's runner; atomic."""
+    def _run(self, ids: list[int], query: bool = False) -> Judged:
+        """Cache ``ids`` and judge them with the response heads (and the query
+        heads if ``query``), in steps of at most ``SESSION_CHUNK`` tokens on
+        the guard's runner; atomic."""
         parts = []
         with self._step():
             for first in range(0, len(ids), SESSION_CHUNK):
                 chunk = ids[first : first + SESSION_CHUNK]
-                parts.append(self._runner.run([Segment(self._kv, chunk, self._upstream)]).part(0))
+                parts.append(self._runner.run([Segment(self._kv, chunk, self._upstream, query)]).part(0))
                 self._position += len(chunk)
         return Judged.concat(parts)
 
@@ -502,4 +508,4 @@ class GuardSession:
         self._debouncer = copy.deepcopy(parent._debouncer)
         self._warned_past_trained_length = parent._warned_past_trained_length
         self.query_verdict = parent.query_verdict
-        self.last_logits = parent.last_logits
+        self._last_judged = parent._last_judged

@@ -108,6 +108,7 @@ class StepGraphs:
         return len(self._steps)
 
     def run(self, plan: StepPlan) -> tuple[list[list[float]], GuardLogits, GuardLogits]:
+        """The step's verdict numbers (on the host) and logits (cloned out of the graph's buffers)."""
         pool = self.runner.pool
         if pool.generation != self._generation:  # the storage moved: the graphs read the old one
             self._steps.clear()
@@ -135,7 +136,8 @@ class StepGraphs:
         host.copy_(self.padding.expand_as(host))
         if plan is not None:
             host[:, : plan.total] = plan.integers.view(len(_PADDING), plan.total)
-        self.static[:, :rows].copy_(host, non_blocking=True)
+        # The whole buffer (a few kB), contiguous on both sides: one plain copy; columns past ``rows`` go unread.
+        self.static.copy_(self.host, non_blocking=True)
 
     def _step(self, rows: int, span: int):
         runner, static, capacity = self.runner, self.static, self.runner.pool.capacity
@@ -144,6 +146,6 @@ class StepGraphs:
         def step() -> tuple[torch.Tensor, GuardLogits, GuardLogits]:
             attention = GatheredAttention(bases, lengths, span, capacity)
             hidden = runner.layers(ids, positions, slots, attention)
-            return runner.judge(hidden, upstream.bool())
+            return runner.judge(hidden, upstream.bool(), query=True)  # fixed shapes: both heads, always
 
         return step
