@@ -13,8 +13,7 @@ head_dim]`` as the pool holds them, after the step wrote its new tokens:
   the shapes depend only on (rows, span), so a CUDA graph can hold it.
 * ``attend_in_place``: one session's new tokens over its own slice of the
   pool, no copy; causal among the new tokens. For prompt chunks, and on the
-  CPU for rows with a long cache, where the gather's copy costs more than
-  the call per session saves (see ``guard.runner``).
+  CPU for every row, where the batched call gains nothing (``guard.runner``).
 """
 
 from __future__ import annotations
