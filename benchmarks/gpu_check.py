@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,6 +273,16 @@ def floor(folder: Path, device: str, layers: int, sizes: tuple[tuple[int, int], 
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+def guarded(check, *args) -> bool:
+    """Run one check; a crash is reported and counts as a failure, and the run goes on."""
+    try:
+        return check(*args) is not False
+    except Exception:
+        traceback.print_exc()
+        print(f"  FAIL {check.__name__} raised (above)")
+        return False
+
+
 def section(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
@@ -312,8 +323,8 @@ def main() -> None:
     tiny = write_tiny_checkpoint(work / "tiny", tokenizer_json=qwen3_tokenizer_path())
 
     section("1. equivalence: CUDA (float32) against the CPU")
-    ok = equivalence(tiny, device, streams=6 if quick else 24)
-    ok &= realistic_equivalence(device)
+    ok = guarded(equivalence, tiny, device, 6 if quick else 24)
+    ok &= guarded(realistic_equivalence, device)
     if device == "cuda":
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
@@ -336,10 +347,15 @@ def main() -> None:
     else:
         sizes = ["--streams", "1,16,64,256", "--longest", "1000", "--arrival", "500", "--arrival-streams", "64"]
     benchmark(["benchmarks/engine.py", *common, *sizes, "--arrival-chunks", "256"], timeout=240)
+    # What the graphs buy: the same steps without them.
+    short = ["--streams", "1,4", "--longest", "200", "--rounds", "4", "--tokens", "16"] if quick else [
+        "--streams", "1,64", "--longest", "1000", "--tokens", "256"]  # fmt: skip
+    benchmark(["benchmarks/engine.py", *common, *short, "--arrival-chunks", "", "--graphs", "off"], timeout=120)
 
     section("3. decode step against the memory floor")
     # Positions cached before the step; its row attends over one more (1,023 + 1 fills a 1,024 bucket).
-    floor(checkpoint, device, layers, ((4, 63), (8, 100)) if quick else ((64, 1023), (256, 1023), (64, 4000)))
+    sizes_floor = ((4, 63), (8, 100)) if quick else ((64, 1023), (256, 1023), (64, 4000))
+    guarded(floor, checkpoint, device, layers, sizes_floor)
     print(f"\n{'all equivalence checks passed' if ok else 'AN EQUIVALENCE CHECK FAILED'}; "
           f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
     sys.exit(0 if ok else 1)

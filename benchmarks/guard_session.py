@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter.bundled_tokenizers import qwen3_tokenizer_path
-from guard import StreamGuard
+from guard import GuardSession, StreamGuard
+from guard.runner import ModelRunner
 from guard.testing import write_tiny_checkpoint
 
 
@@ -72,19 +73,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--far", type=int, default=4000, help="the far position")
     parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
+    parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
     args = parser.parse_args()
 
     guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, graphs={args.graphs}"
     )
     generator = torch.Generator().manual_seed(0)
     response = torch.randint(0, 151_643, (args.far + 64,), generator=generator).tolist()
 
     # One id at a time, timing every append.
-    session = guard.session()
+    session = GuardSession(guard, runner=ModelRunner(guard, graphs=args.graphs))  # guard.session(), graphs chosen
     session.moderate_prompt("Write me a long story.")
     start = session.response_start
     cost_at: dict[int, float] = {}

@@ -103,7 +103,6 @@ class GuardSession:
         self._kv = self._runner.pool.new_region()
         # A session dropped without close() gives its region back when collected.
         self._kv_finalizer = weakref.finalize(self, self._runner.pool.release_later, self._kv)
-        self._upstream = self.policy.upstream_arithmetic(guard.dtype)
         self._position = 0
         self._response_start: int | None = None
         self._reasoning_start: int | None = None  # right after the scaffold's <think>
@@ -131,6 +130,11 @@ class GuardSession:
     @property
     def guard(self) -> StreamGuard:
         return self._guard
+
+    @property
+    def _upstream(self) -> bool:
+        """Whether this session's verdicts take upstream's bf16 arithmetic (``Policy.arithmetic``)."""
+        return self.policy.upstream_arithmetic(self._guard.dtype)
 
     @property
     def position(self) -> int:

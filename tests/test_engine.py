@@ -188,23 +188,26 @@ call = st.one_of(
 )
 def test_random_interleaved_calls_match_plain_sessions(tiny_guard, prompts, rounds):
     with GuardEngine(tiny_guard, max_batch_tokens=16, prefill_chunk=8, max_wait_ms=1) as engine:
-        sessions = [engine.session() for _ in prompts]
-        calls: list[list[tuple]] = [[] for _ in prompts]
-        said: list[list] = [[[s.moderate_prompt(p)]] for s, p in zip(sessions, prompts, strict=True)]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            for round_calls in rounds:
-                futures = [
-                    pool.submit(play_one, session, call)
-                    for session, call in zip(sessions, round_calls, strict=False)
-                ]
-                for index, future in enumerate(futures):
-                    said[index].append(future.result(TIMEOUT))
-                    calls[index].append(round_calls[index])
-        for prompt, session_calls, session_said in zip(prompts, calls, said, strict=True):
-            plain = tiny_guard.session()
-            assert_same(session_said[0], [plain.moderate_prompt(prompt)])
-            for c, ours in zip(session_calls, session_said[1:], strict=True):
-                assert_same(ours, play_one(plain, c))
+        assert_rounds_match_plain_sessions(engine, prompts, rounds)
+
+
+def assert_rounds_match_plain_sessions(engine: GuardEngine, prompts: list[str], rounds: list[list[tuple]]) -> None:
+    """Play ``rounds`` (one call per session each, made concurrently) on engine
+    sessions; each session's verdicts must be those of a plain session."""
+    sessions = [engine.session() for _ in prompts]
+    calls: list[list[tuple]] = [[] for _ in prompts]
+    said: list[list] = [[[s.moderate_prompt(p)]] for s, p in zip(sessions, prompts, strict=True)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        for round_calls in rounds:
+            futures = [pool.submit(play_one, s, c) for s, c in zip(sessions, round_calls, strict=False)]
+            for index, future in enumerate(futures):
+                said[index].append(future.result(TIMEOUT))
+                calls[index].append(round_calls[index])
+    for prompt, session_calls, session_said in zip(prompts, calls, said, strict=True):
+        plain = engine.guard.session()
+        assert_same(session_said[0], [plain.moderate_prompt(prompt)])
+        for c, ours in zip(session_calls, session_said[1:], strict=True):
+            assert_same(ours, play_one(plain, c))
 
 
 def play_one(session, call: tuple) -> list:

@@ -24,7 +24,7 @@ from guard import EngineCapacityError, GuardEngine, Policy, SessionClosedError, 
 from guard.runner import ModelRunner
 from guard.session import GuardSession
 from guard.testing import write_tiny_checkpoint
-from tests.test_engine import ORDINARY, TIMEOUT, assert_same
+from tests.test_engine import ORDINARY, assert_rounds_match_plain_sessions, assert_same, call
 
 BOMB = 12764  # the Qwen3 id of " bomb"
 
@@ -199,12 +199,6 @@ def test_a_fork_keeps_the_reasoning_state(tiny_guard):
 
 # --- paths that must agree -----------------------------------------------------------------------------------
 
-call = st.one_of(
-    st.tuples(st.just("append"), st.lists(st.integers(0, ORDINARY), min_size=1, max_size=12)),
-    st.tuples(st.just("rollback"), st.floats(0, 1)),
-)
-
-
 @settings(max_examples=15)
 @given(
     prompts=st.lists(st.text("ab ?", max_size=30), min_size=1, max_size=4),
@@ -217,28 +211,7 @@ def test_every_step_path_gives_the_plain_sessions_verdicts(tiny_guard, prompts, 
     what a plain session gives, with sessions sharing steps."""
     with GuardEngine(tiny_guard, graphs="eager" if path == "graph" else "off", max_wait_ms=1) as engine:
         engine._runner.in_place_from = 0 if path == "in place" else None
-        sessions = [engine.session() for _ in prompts]
-        said = [[[s.moderate_prompt(p)]] for s, p in zip(sessions, prompts, strict=True)]
-        calls: list[list[tuple]] = [[] for _ in prompts]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            for round_calls in rounds:
-                futures = [pool.submit(play_one, s, c) for s, c in zip(sessions, round_calls, strict=False)]
-                for index, future in enumerate(futures):
-                    said[index].append(future.result(TIMEOUT))
-                    calls[index].append(round_calls[index])
-    for prompt, session_calls, session_said in zip(prompts, calls, said, strict=True):
-        plain = tiny_guard.session()
-        assert_same(session_said[0], [plain.moderate_prompt(prompt)])
-        for c, ours in zip(session_calls, session_said[1:], strict=True):
-            assert_same(ours, play_one(plain, c))
-
-
-def play_one(session, call: tuple) -> list:
-    if call[0] == "append":
-        return session.append(call[1])
-    start = session.response_start
-    session.rollback(start + int(call[1] * (session.position - start)))
-    return []
+        assert_rounds_match_plain_sessions(engine, prompts, rounds)
 
 
 def test_streams_on_the_graph_path(tiny_guard):
