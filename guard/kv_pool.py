@@ -76,6 +76,7 @@ class KVPool:
         self._free: list[list[int]] = []  # [start, end) runs, sorted, never adjacent
         self._regions: set[KVRegion] = set()
         self._dropped: deque[KVRegion] = deque()  # released by finalizers, freed at the next operation
+        self._gave_back = False  # slots were freed since the last trim()
         self._lock = threading.Lock()
 
     # --- sizes ---------------------------------------------------------------
@@ -156,8 +157,11 @@ class KVPool:
         """Shrink the storage when more than three quarters of it hold no
         region (after a burst of sessions closed); True if it did. Keeps
         room to spare, so that a busy pool does not shrink and grow in turn."""
+        if not (self._gave_back or self._dropped):  # nothing freed since the last look: the usual step
+            return False
         with self._lock:
             self._drain_dropped()
+            self._gave_back = False
             needed = self._needed()
             if self.capacity <= max(4 * needed, _SCRATCH + 4 * self.min_growth):
                 return False
@@ -224,6 +228,7 @@ class KVPool:
     def _give_back(self, start: int, end: int) -> None:
         if end <= start:
             return
+        self._gave_back = True
         runs = self._free
         index = 0
         while index < len(runs) and runs[index][0] < start:

@@ -35,6 +35,7 @@ Tests run the batched path on the CPU too (``in_place_from = None``).
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -151,36 +152,54 @@ class StepPlan:
     """The host side of a step: its integers and which rows attend how."""
 
     def __init__(self, segments: list[Segment], in_place_from: int | None) -> None:
-        columns: list[list[int]] = [[] for _ in range(STEP_INTEGERS)]
-        ids, positions, slots, bases, lengths, upstream = columns
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        bases: list[int] = []
+        lengths: list[int] = []
+        upstream: list[int] = []
         self.offsets = [0]
         self.gathered_rows: list[int] = []
         self.in_place: list[tuple[int, int, int, int]] = []  # (offset, count, base, start)
         self.longest = 0  # positions a gathered row attends over, at most
+        self.query = False
+        gather_up_to = GATHER_SEGMENT_TOKENS
         for segment in segments:
-            region, count, offset = segment.region, len(segment.ids), len(ids)
-            start, base = region.length, region.base
-            ids += segment.ids
-            positions += range(start, start + count)
-            slots += range(base + start, base + start + count)
-            bases += [base] * count
-            lengths += range(start + 1, start + count + 1)
-            upstream += [int(segment.upstream)] * count
+            region, new = segment.region, segment.ids
+            count, offset, start, base = len(new), len(ids), region.length, region.base
+            gathered = count <= gather_up_to and (in_place_from is None or start + count <= in_place_from)
+            if count == 1:  # the common case, a decode token: no ranges to build
+                ids.append(new[0])
+                positions.append(start)
+                slots.append(base + start)
+                bases.append(base)
+                lengths.append(start + 1)
+                upstream.append(segment.upstream)
+                if gathered:
+                    self.gathered_rows.append(offset)
+            else:
+                ids += new
+                positions += range(start, start + count)
+                slots += range(base + start, base + start + count)
+                bases += [base] * count
+                lengths += range(start + 1, start + count + 1)
+                upstream += [segment.upstream] * count
+                if gathered:
+                    self.gathered_rows += range(offset, offset + count)
             self.offsets.append(offset + count)
-            if count <= GATHER_SEGMENT_TOKENS and (in_place_from is None or start + count <= in_place_from):
-                self.gathered_rows += range(offset, offset + count)
+            self.query |= segment.query
+            if gathered:
                 self.longest = max(self.longest, start + count)
             else:
                 self.in_place.append((offset, count, base, start))
-        self.total = len(ids)
+        self.total = total = len(ids)
         # One tensor, so that the step uploads its integers in one copy: the
-        # columns, then (when not every row is gathered) the gathered rows.
-        mixed = self.gathered_rows if len(self.gathered_rows) < self.total else []
-        self.integers = torch.tensor([value for column in columns for value in column] + mixed, dtype=torch.long)
-        flags = {segment.upstream for segment in segments}
+        # six rows, then (when not every row is gathered) the gathered rows.
+        mixed = self.gathered_rows if len(self.gathered_rows) < total else []
+        self.integers = torch.tensor(ids + positions + slots + bases + lengths + upstream + mixed, dtype=torch.long)
+        flags = sum(upstream)
         #: The arithmetic of every row, when they agree (one softmax instead of two).
-        self.upstream: bool | None = flags.pop() if len(flags) == 1 else None
-        self.query = any(segment.query for segment in segments)
+        self.upstream: bool | None = True if flags == total else False if flags == 0 else None
 
 
 class _MixedAttention:
@@ -199,6 +218,10 @@ class _MixedAttention:
             end = offset + count
             attended[offset:end] = attend_in_place(query[offset:end], keys, values, base, start, scale)
         return attended
+
+
+def _attend_one(query, keys, values, scale, *, base: int, start: int) -> torch.Tensor:
+    return attend_in_place(query, keys, values, base, start, scale)
 
 
 def span_for(positions: int) -> int:
@@ -258,7 +281,13 @@ class ModelRunner:
             if rows is not None:
                 bases, lengths = bases.index_select(0, rows), lengths.index_select(0, rows)
             gathered = GatheredAttention(bases, lengths, span_for(plan.longest), self.pool.capacity)
-        attend = gathered if rows is None and not plan.in_place else _MixedAttention(gathered, rows, plan)
+        if rows is None and not plan.in_place:
+            attend = gathered
+        elif gathered is None and len(plan.in_place) == 1:  # one segment (a plain session): no packing to do
+            _, _, base, start = plan.in_place[0]
+            attend = functools.partial(_attend_one, base=base, start=start)
+        else:
+            attend = _MixedAttention(gathered, rows, plan)
         hidden = self.layers(integers[IDS], integers[POSITIONS], integers[SLOTS], attend)
         upstream = plan.upstream if plan.upstream is not None else integers[UPSTREAM].bool()
         packed, response, query = self.judge(hidden, upstream, plan.query)
