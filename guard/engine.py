@@ -202,6 +202,10 @@ class EngineSession(GuardSession):
         call of this session that holds its lock."""
         await self._engine._call_async(self.rollback, position)
 
+    async def fork_async(self) -> EngineSession:
+        """``fork`` (it waits for the step running now) without blocking the event loop."""
+        return await self._engine._call_async(self.fork)
+
     async def close_async(self) -> None:
         await self._engine._call_async(self.close)
 

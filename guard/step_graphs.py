@@ -24,7 +24,9 @@ and SGLang's decode graphs, and gpt-fast):
 * capture runs after two warm-up runs on a side stream (lazy initialisations
   such as cuBLAS workspaces must not happen inside a capture), with the
   padding inputs, and in "thread_local" error mode, so that other threads'
-  CUDA calls (a user's) are not errors during a capture.
+  CUDA calls (a user's, another runner's) are not errors during a capture;
+  one capture at a time in the process (torch allows no more), under a lock
+  that is taken last, so it cannot deadlock with the runners' own locks.
 
 With ``capture=False`` (``graphs="eager"``) the same buckets, buffers and
 padding run without capturing: on the CPU the tests exercise every line
@@ -33,6 +35,7 @@ below except the three marked CUDA.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
     from guard.runner import ModelRunner, StepPlan
 
 __all__ = ["StepGraphs", "row_bucket", "span_bucket"]
+
+_CAPTURE_LOCK = threading.Lock()
 
 #: Padding values of each integer row (``guard.runner``'s order): id 0, position 0, slot 0, base 0, length 1, flag 0.
 _PADDING = (0, 0, 0, 0, 1, 0)
@@ -79,9 +84,10 @@ class _Captured:
             for _ in range(2):
                 self.step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = self.step()
+        self.graph = graph
 
     def run(self):
         if self.graph is None:

@@ -11,6 +11,7 @@ mix sessions of different verdict arithmetic.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,6 +124,23 @@ def test_a_fork_counts_against_max_sessions(tiny_guard):
         session.close()
         with pytest.raises(SessionClosedError):
             session.fork()
+
+
+def test_fork_async_on_the_event_loop(tiny_guard):
+    async def main():
+        with GuardEngine(tiny_guard) as engine:
+            parent = engine.session()
+            await parent.moderate_prompt_async("async")
+            await parent.append_async(ids(30, 4))
+            children = await asyncio.gather(*(parent.fork_async() for _ in range(3)))
+            said = await asyncio.gather(*(child.append_async(ids(31 + n, 2)) for n, child in enumerate(children)))
+            assert engine.session_count == 4
+            return said
+
+    said = asyncio.run(main())
+    for n, ours in enumerate(said):
+        _, theirs = replay(tiny_guard, "async", ids(30, 4) + ids(31 + n, 2))
+        assert_same(ours, theirs[4:])
 
 
 # --- a session is the engine with one stream ------------------------------------------------------------
