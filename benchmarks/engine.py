@@ -24,7 +24,7 @@ positions. ``--serial`` adds N plain sessions judged round robin (one
 forward per token per stream) for comparison.
 
     python benchmarks/engine.py [--streams 1,4,16,64] [--shortest 100 --longest 4000] [--quick]
-                                [--layers 2] [--dtype float32] [--threads N] [--serial]
+                                [--layers 2] [--dtype float32] [--threads N] [--serial] [--checkpoint FOLDER]
 
 On the 2-core CI machine the default run takes about 2 minutes (most of it
 prefilling 130,000 prompt tokens), ``--quick`` about 30 seconds.
@@ -177,22 +177,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--serial", action="store_true", help="also time plain sessions round robin")
     parser.add_argument("--quick", action="store_true", help="streams 1,4,16, prompts of 100 to 1000, fewer appends")
+    parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
+    parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
     args = parser.parse_args()
     if args.quick:
         args.streams, args.longest, args.tokens, args.arrival = "1,4,16", 1000, 256, 500
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     counts = [int(count) for count in args.streams.split(",")]
-    chunks = [int(chunk) for chunk in args.arrival_chunks.split(",")]
+    chunks = [int(chunk) for chunk in args.arrival_chunks.split(",") if chunk]  # "" for no arrival run
     lengths = prompt_lengths(max(*counts, args.arrival_streams), args.shortest, args.longest)
 
-    guard = realistic_width_guard(args.layers, args.device, args.dtype)
+    guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} torch threads; prompts of {args.shortest} to {args.longest} tokens "
-        f"{'(mixed)' if args.shortest < args.longest else ''}, one id per append, max_wait_ms={args.max_wait_ms}"
+        f"{torch.get_num_threads()} torch threads, graphs={args.graphs}; prompts of {args.shortest} to "
+        f"{args.longest} tokens {'(mixed)' if args.shortest < args.longest else ''}, one id per append, "
+        f"max_wait_ms={args.max_wait_ms}"
     )
-    engine = GuardEngine(guard, max_sessions=len(lengths) + 1, max_wait_ms=args.max_wait_ms)
+    engine = GuardEngine(guard, max_sessions=len(lengths) + 1, max_wait_ms=args.max_wait_ms, graphs=args.graphs)
     with engine:
         sessions = [engine.session() for _ in lengths]
         started = time.perf_counter()

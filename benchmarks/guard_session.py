@@ -11,12 +11,17 @@ default) is written in the real checkpoint layout and loaded through
 * per-token cost when appending chunks of 1, 4 and 16 ids;
 * KV-cache bytes per token, measured, beside 2 × layers × kv_heads × head_dim × bytes.
 
-    python benchmarks/guard_session.py [--layers 2] [--dtype float32]
+    python benchmarks/guard_session.py [--layers 2] [--dtype float32] [--device cuda] [--far 4000]
+                                       [--checkpoint FOLDER]
+
+``--checkpoint FOLDER`` writes the checkpoint there once and reuses it (a
+28-layer one takes a while to write); by default it goes to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -28,20 +33,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter.bundled_tokenizers import qwen3_tokenizer_path
-from guard import StreamGuard
+from guard import GuardSession, StreamGuard
+from guard.runner import ModelRunner
 from guard.testing import write_tiny_checkpoint
 
 
-def realistic_width_guard(layers: int, device: str, dtype: str) -> StreamGuard:
+def write_realistic_width_checkpoint(folder: str | Path, layers: int) -> Path:
     """Qwen3Guard-Stream-0.6B's width (hidden 1024, 16 query and 8 key/value
     heads of 128, the real vocabulary) with ``layers`` layers, random weights,
-    written in the real layout and loaded through ``from_pretrained``."""
-    with tempfile.TemporaryDirectory() as folder:
-        write_tiny_checkpoint(
-            folder, tokenizer_json=qwen3_tokenizer_path(), hidden_size=1024, layers=layers, heads=16,
-            kv_heads=8, head_dim=128, intermediate=3072, inner=512,
-        )  # fmt: skip
-        return StreamGuard.from_pretrained(folder, device=device, dtype=dtype)
+    in the real layout; kept if ``folder`` already holds one of ``layers`` layers."""
+    config = Path(folder) / "config.json"
+    if config.is_file() and json.loads(config.read_text())["num_hidden_layers"] == layers:
+        return Path(folder)
+    return write_tiny_checkpoint(
+        folder, tokenizer_json=qwen3_tokenizer_path(), hidden_size=1024, layers=layers, heads=16,
+        kv_heads=8, head_dim=128, intermediate=3072, inner=512,
+    )  # fmt: skip
+
+
+def realistic_width_guard(layers: int, device: str, dtype: str, folder: str | None = None) -> StreamGuard:
+    """That checkpoint, loaded through ``from_pretrained`` (written to a temporary folder unless ``folder``)."""
+    if folder is not None:
+        return StreamGuard.from_pretrained(write_realistic_width_checkpoint(folder, layers), device=device, dtype=dtype)
+    with tempfile.TemporaryDirectory() as temporary:
+        write_realistic_width_checkpoint(temporary, layers)
+        return StreamGuard.from_pretrained(temporary, device=device, dtype=dtype)
 
 
 def timed(function) -> float:
@@ -56,19 +72,21 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--far", type=int, default=4000, help="the far position")
+    parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
+    parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
     args = parser.parse_args()
 
-    guard = realistic_width_guard(args.layers, args.device, args.dtype)
+    guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, graphs={args.graphs}"
     )
     generator = torch.Generator().manual_seed(0)
     response = torch.randint(0, 151_643, (args.far + 64,), generator=generator).tolist()
 
     # One id at a time, timing every append.
-    session = guard.session()
+    session = GuardSession(guard, runner=ModelRunner(guard, graphs=args.graphs))  # guard.session(), graphs chosen
     session.moderate_prompt("Write me a long story.")
     start = session.response_start
     cost_at: dict[int, float] = {}
@@ -109,9 +127,10 @@ def main() -> None:
         print(f"upstream re-run at {position}: {upstream:.2f} ms per token, session {ours:.2f} ms: "
               f"{upstream / ours:.1f}x faster")  # fmt: skip
 
-    # Chunked appends around position 1000.
+    # Chunked appends around position 1000 (or the end of a shorter response).
+    around = min(1000, len(response))
     for size in (1, 4, 16):
-        session.rollback(start + 1000)
+        session.rollback(start + around)
         chunks = [response[i : i + size] for i in range(0, 512, size)]
         total = 0.0
         for chunk in chunks:

@@ -1,35 +1,33 @@
 """GuardEngine: many conversations, one guard, one batched forward per step.
 
-A plain ``GuardSession`` runs its own forward for every append, so the
-guard's weights are read once per token per conversation. The engine owns
-the model in one worker thread; sessions hand it their new ids and wait, and
-at every step the worker runs **one** forward over the new tokens of every
-waiting session, packed together:
+A plain ``GuardSession`` runs a step for every call, so the guard's weights
+are read once per token per conversation. The engine owns a
+``guard.runner.ModelRunner`` (the model, one KV pool for all its sessions,
+CUDA graphs) in one worker thread; sessions hand it their new ids and wait,
+and at every step the worker runs **one** forward over the new tokens of
+every waiting session (see ``guard.runner`` for the step itself):
 
 * the batch is a single packed row (batch 1, T tokens in all), not a padded
   ``[sessions, longest, hidden]`` batch: sessions bring very different
   numbers of tokens (one decode id beside a 256-token prompt chunk), and
   padding would compute and mask the difference; the projections and the MLP
   (where the weights are read) see one ``[1, T, hidden]`` matrix either way;
-* each token gets its own session's position (rotary), and attention runs
-  per session against that session's own ``GrowableCacheLayer`` (its cached
-  keys and values plus its new ones, causal within the new ones), with
-  transformers' own Qwen3 modules and weights for everything else;
-* a decode segment (one id, the common case) needs no mask, and its query
-  heads are regrouped by key/value head, so the attention kernel reads the
-  cache as it is instead of repeating it for every query head;
+* each token gets its own session's position (rotary); the attention of all
+  short segments (decode tokens) is one batched call over the KV pool with
+  per-row lengths; prompt chunks attend over their own slice of the pool;
 * a long prompt is cut into ``prefill_chunk`` tokens per step, so other
   sessions' decode tokens go into the same steps instead of waiting behind it;
-* the response heads run once per step over every appended token, not once
-  per session;
+* both heads and the verdict arithmetic run once per step over every token,
+  on the device, with one copy of the numbers to the host;
 * after a step the worker waits for the sessions it served to come back
   (they do so one after another, as their callers take their verdicts), so
   that N streams make one step of N tokens, not a large and a small one.
 
-``EngineSession`` is a ``GuardSession`` whose ``_forward`` goes through the
-engine, so the template, verdict arithmetic, debounce, rollback, end of turn,
-context-limit policy, atomic steps and per-session lock are GuardSession's
-own, and its verdicts equal a plain session's (tested).
+``EngineSession`` is a ``GuardSession`` whose steps go through the engine's
+queue, so the template, verdicts, debounce, rollback, fork, end of turn,
+context-limit policy, atomic calls and per-session lock are GuardSession's
+own, and its verdicts equal a plain session's (tested). A plain session is
+the same thing with one stream: the same runner code, on the guard's own.
 
 Monitoring: ``steps`` and ``tokens`` count forwards and tokens, and
 ``add_step_listener(callback)`` reports every forward's tokens, sessions and
@@ -58,13 +56,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.nn.functional import scaled_dot_product_attention
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
-
 from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
-from guard.model import GuardLogits, _attention_backends
 from guard.policy import Policy, Verdict
+from guard.runner import GraphMode, Judged, ModelRunner, Segment, StepOutput
 from guard.session import GuardSession
 from guard.template import Prompt
 
@@ -118,55 +112,23 @@ def _run_with_token(token: _CallToken, method: Callable[..., Any], args: tuple) 
 class _Request:
     """One session's ids waiting for (or inside) the batched forward."""
 
-    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "heads", "hidden", "ids", "in_flight",
-                 "logits", "session", "thread", "token")  # fmt: skip
+    __slots__ = ("cancel_error", "consumed", "done", "error", "failure", "ids", "in_flight", "parts", "query",
+                 "session", "thread", "token")  # fmt: skip
 
-    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None, heads: bool) -> None:
+    def __init__(self, session: EngineSession, ids: list[int], token: _CallToken | None, query: bool) -> None:
         self.session = session
         self.ids = ids
         self.token = token
-        self.heads = heads  # the caller wants the response heads' logits of every id (an append)
+        self.query = query  # a prompt: the query heads' verdicts too
         # The caller's thread, blocked in this call until it completes (None on a pool thread).
         self.thread = None if getattr(_current_call, "pool", False) else threading.get_ident()
         self.consumed = 0  # ids already through the model (chunked prefill)
-        self.hidden: list[torch.Tensor] = []
-        self.logits: list[GuardLogits] = []
+        self.parts: list[Judged] = []  # what each step said about its chunk
         self.in_flight = False  # inside the forward that runs now: its cache is being written
         self.cancel_error: BaseException | None = None  # cancelled while in flight: fail it after the step
         self.error: BaseException | None = None  # raised as it is (closed, cancelled)
         self.failure: BaseException | None = None  # the forward raised: raised as EngineStepError from it
         self.done = threading.Event()
-
-
-class _EngineModel:
-    """The guard's model as an engine session sees it: the same module, except
-    that the response heads of the ids the session just appended were already
-    run by the worker, batched with every other session's of that step (one
-    read of the head weights per step instead of one per session)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._model = model
-        self.judged: tuple[torch.Tensor, GuardLogits] | None = None  # (hidden returned by _forward, its logits)
-
-    def response_logits(self, hidden: torch.Tensor) -> GuardLogits:
-        judged, self.judged = self.judged, None
-        if judged is not None and judged[0] is hidden:
-            return judged[1]
-        return self._model.response_logits(hidden)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-class _EngineGuard:
-    """The ``StreamGuard`` as an engine session's own code sees it (see ``_EngineModel``)."""
-
-    def __init__(self, guard: StreamGuard) -> None:
-        self._guard = guard
-        self.model = _EngineModel(guard.model)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._guard, name)
 
 
 class EngineSession(GuardSession):
@@ -183,31 +145,25 @@ class EngineSession(GuardSession):
     """
 
     def __init__(self, engine: GuardEngine, policy: Policy | None = None) -> None:
-        super().__init__(engine.guard, policy)
-        self._guard = _EngineGuard(engine.guard)
+        super().__init__(engine.guard, policy, runner=engine._runner)
         self._engine = engine
         self._closing = False
-
-    @property
-    def guard(self) -> StreamGuard:
-        return self._engine.guard
 
     @property
     def engine(self) -> GuardEngine:
         return self._engine
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        # Atomic like GuardSession._forward: if the engine fails, closes or
-        # cancels the request, _step rewinds every cache layer (the worker may
-        # have written some chunks or some layers) and the position.
+    def _run(self, ids: list[int], query: bool = False) -> Judged:
+        # Atomic like GuardSession._run: if the engine fails, closes or
+        # cancels the request, _step rewinds the chunks the worker cached.
         with self._step():
-            # After the prompt, every forward is judged by the response heads
-            # (GuardSession._judge, cancel_reasoning): the worker runs them.
-            request = self._engine._submit(self, list(ids), heads=self._response_start is not None)
-            hidden, logits = self._engine._wait(request)
+            request = self._engine._submit(self, list(ids), query)
+            parts = self._engine._wait(request)
             self._position += len(ids)
-        self._guard.model.judged = None if logits is None else (hidden, logits)
-        return hidden
+        return Judged.concat(parts)
+
+    def _spawn(self) -> EngineSession:
+        return self._engine._admit(self.policy, parent=self)
 
     def close(self) -> None:
         """Free the KV cache and the engine slot. A call of this session that
@@ -223,9 +179,6 @@ class EngineSession(GuardSession):
         )
         super().close()  # takes the lock: waits for a call in flight to end
         self._engine._release(self)
-
-    def _new_twin(self) -> EngineSession:
-        return self._engine._admit(self.policy, self._position)
 
     # --- asyncio ------------------------------------------------------------
 
@@ -249,6 +202,10 @@ class EngineSession(GuardSession):
         call of this session that holds its lock."""
         await self._engine._call_async(self.rollback, position)
 
+    async def fork_async(self) -> EngineSession:
+        """``fork`` (it waits for the step running now) without blocking the event loop."""
+        return await self._engine._call_async(self.fork)
+
     async def close_async(self) -> None:
         await self._engine._call_async(self.close)
 
@@ -269,6 +226,9 @@ class GuardEngine:
     ``max_sessions``: open sessions at once. ``kv_budget_bytes``: the KV
     cache of all sessions together, counted as positions held (and queued)
     × ``guard.kv_bytes_per_token()``; ``None`` for no budget.
+    ``graphs``: ``"auto"`` captures the step as CUDA graphs on CUDA (nothing
+    elsewhere); ``"eager"`` runs the graphs' fixed-shape code without
+    capturing (to test or debug it on any device); ``"off"`` never.
     """
 
     def __init__(
@@ -280,6 +240,7 @@ class GuardEngine:
         max_sessions: int = 256,
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = 256,
+        graphs: GraphMode = "auto",
     ) -> None:
         for name, value in (
             ("max_batch_tokens", max_batch_tokens),
@@ -304,6 +265,7 @@ class GuardEngine:
                 "use plain sessions (guard.session()) for it"
             )
         self._guard = guard
+        self._runner = ModelRunner(guard, graphs=graphs)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.max_sessions = max_sessions
@@ -394,25 +356,6 @@ class GuardEngine:
         ``EngineCapacityError`` at ``max_sessions`` or when the KV budget is spent."""
         return self._admit(policy)
 
-    def _admit(self, policy: Policy | None, positions: int = 0) -> EngineSession:
-        """A new session that will hold ``positions`` (a fork's copy) at once."""
-        with self._condition:
-            self._check_open()
-            if len(self._sessions) >= self.max_sessions:
-                raise EngineCapacityError(
-                    f"the guard engine already serves {len(self._sessions)} sessions (max_sessions="
-                    f"{self.max_sessions}); close finished sessions (session.close(), or `with engine.session() "
-                    "as session:`), retry later, or make the engine with a larger max_sessions"
-                )
-            budget = self.kv_budget_bytes
-            if budget is not None and self._kv_tokens() * self._kv_bytes_per_token >= budget:
-                raise EngineCapacityError(self._budget_message("a new session needs room"))
-            if budget is not None and (self._kv_tokens() + positions) * self._kv_bytes_per_token > budget:
-                raise EngineCapacityError(self._budget_message(f"a fork holding {positions} positions needs room"))
-            session = EngineSession(self, policy)
-            self._sessions.add(session)
-            return session
-
     def close(self, timeout: float = 30.0) -> None:
         """Fail every pending call with ``EngineClosedError`` and stop the
         worker (waiting up to ``timeout`` seconds for the forward running now)."""
@@ -454,6 +397,30 @@ class GuardEngine:
         held = sum(session.position for session in self._sessions)
         return held + sum(len(request.ids) for request in (*self._queue, *self._in_flight))
 
+    def _admit(self, policy: Policy | None, parent: EngineSession | None = None) -> EngineSession:
+        """A new session, or a fork of ``parent`` (its state, its positions
+        counted against the budget from now on), or ``EngineCapacityError``."""
+        with self._condition:
+            self._check_open()
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineCapacityError(
+                    f"the guard engine already serves {len(self._sessions)} sessions (max_sessions="
+                    f"{self.max_sessions}); close finished sessions (session.close(), or `with engine.session() "
+                    "as session:`), retry later, or make the engine with a larger max_sessions"
+                )
+            budget = self.kv_budget_bytes
+            if budget is not None:
+                used = self._kv_tokens() * self._kv_bytes_per_token
+                if parent is None and used >= budget:
+                    raise EngineCapacityError(self._budget_message("a new session needs room"))
+                if parent is not None and used + parent.position * self._kv_bytes_per_token > budget:
+                    raise EngineCapacityError(self._budget_message(f"a fork of {parent.position} positions needs room"))
+            session = EngineSession(self, policy)
+            if parent is not None:
+                session._adopt(parent)  # before anyone else is admitted: its positions count at once
+            self._sessions.add(session)
+            return session
+
     def _budget_message(self, what: str) -> str:
         used = self._kv_tokens() * self._kv_bytes_per_token
         return (
@@ -462,7 +429,7 @@ class GuardEngine:
             "back long ones, retry when others have finished, or make the engine with a larger kv_budget_bytes"
         )
 
-    def _submit(self, session: EngineSession, ids: list[int], heads: bool = False) -> _Request:
+    def _submit(self, session: EngineSession, ids: list[int], query: bool) -> _Request:
         token = getattr(_current_call, "token", None)
         with self._condition:
             self._check_open()
@@ -474,7 +441,7 @@ class GuardEngine:
                 needed = (self._kv_tokens() + len(ids)) * self._kv_bytes_per_token
                 if needed > self.kv_budget_bytes:
                     raise EngineCapacityError(self._budget_message(f"judging {len(ids)} more tokens needs room"))
-            request = _Request(session, ids, token, heads)
+            request = _Request(session, ids, token, query)
             idle = not self._queue
             self._queue.append(request)
             self._last_arrival = time.monotonic()
@@ -492,8 +459,8 @@ class GuardEngine:
                 self._condition.notify_all()
             return request
 
-    def _wait(self, request: _Request) -> tuple[torch.Tensor, GuardLogits | None]:
-        """The request's hidden states, and its response logits if it asked for them."""
+    def _wait(self, request: _Request) -> list[Judged]:
+        """What the steps that ran the request's ids said about them, in order."""
         while not request.done.wait(_LIVENESS_POLL_S):
             if not self._worker.is_alive():
                 with self._condition:
@@ -508,13 +475,7 @@ class GuardEngine:
                 f"the guard's batched forward failed ({type(request.failure).__name__}: {request.failure}); "
                 "nothing was appended to this session: retry the call, or close the session"
             ) from request.failure
-        if len(request.hidden) == 1:
-            return request.hidden[0], (request.logits[0] if request.heads else None)
-        hidden = torch.cat(request.hidden)
-        if not request.heads:
-            return hidden, None
-        risk = torch.cat([logits.risk_level for logits in request.logits])
-        return hidden, GuardLogits(risk, torch.cat([logits.category for logits in request.logits]))
+        return request.parts
 
     def _cancel(self, matches: Callable[[_Request], bool], error: Callable[[], BaseException]) -> None:
         """Fail the matching requests: at once if queued; after the running
@@ -624,33 +585,33 @@ class GuardEngine:
             return batch
 
     def _run_step(self, batch: list[tuple[_Request, int]]) -> None:
-        segments, ids = [], []
+        segments = []
         for request, count in batch:
-            start = request.session._cache.layers[0].get_seq_length()
-            segments.append((request, start, len(ids), count))
-            ids += request.ids[request.consumed : request.consumed + count]
+            session = request.session
+            chunk = request.ids[request.consumed : request.consumed + count]
+            segments.append(Segment(session._kv, chunk, session._upstream, request.query))
+        tokens = sum(count for _request, count in batch)
         started = time.perf_counter()
         try:
-            hidden = self._forward(segments, ids)
-            logits = self._heads(segments, hidden)
+            output = self._forward(segments)
             failure = None
         except Exception as error:  # fail this batch's calls; their sessions undo the step themselves
-            hidden, logits, failure = None, None, error
+            output, failure = None, error
         seconds = time.perf_counter() - started
         # Before the calls return: once a call has returned, its step was reported.
         for listener in self._step_listeners:
             try:
-                listener(len(ids), len(segments), seconds)
+                listener(tokens, len(segments), seconds)
             except Exception:
                 logger.exception("a GuardEngine step listener raised; ignored")
         with self._condition:
             self._in_flight = []
             self.steps += 1
-            self.tokens += len(ids)
+            self.tokens += tokens
             self._last_step_s = seconds
             self._step_end = time.monotonic()
             awaited = self._awaited
-            for request, _start, offset, count in segments:
+            for index, (request, count) in enumerate(batch):
                 if request.done.is_set():
                     continue
                 if request.cancel_error is not None:
@@ -659,9 +620,7 @@ class GuardEngine:
                     request.failure = failure
                     self._complete(request)
                 else:
-                    request.hidden.append(hidden[offset : offset + count])
-                    if request.heads:
-                        request.logits.append(logits[offset])
+                    request.parts.append(output.part(index))
                     request.consumed += count
                     if request.consumed == len(request.ids):
                         self._complete(request)
@@ -671,83 +630,6 @@ class GuardEngine:
                         request.in_flight = False
                         self._queue.append(request)
 
-    @torch.inference_mode()
-    def _heads(self, segments: list[tuple[_Request, int, int, int]], hidden: torch.Tensor) -> dict[int, GuardLogits]:
-        """The response heads' logits of the segments that asked for them, by
-        offset, from one batched call over their rows (prompt chunks need none)."""
-        wanted = [(offset, count) for request, _start, offset, count in segments if request.heads]
-        if not wanted:
-            return {}
-        if sum(count for _offset, count in wanted) == len(hidden):
-            rows, starts = hidden, [offset for offset, _count in wanted]
-        else:
-            rows = torch.cat([hidden[offset : offset + count] for offset, count in wanted])
-            starts = [0]
-            for _offset, count in wanted[:-1]:
-                starts.append(starts[-1] + count)
-        logits = self._guard.model.response_logits(rows)
-        return {
-            offset: GuardLogits(logits.risk_level[start : start + count], logits.category[start : start + count])
-            for (offset, count), start in zip(wanted, starts, strict=True)
-        }
-
-    @torch.inference_mode()
-    def _forward(self, segments: list[tuple[_Request, int, int, int]], ids: list[int]) -> torch.Tensor:
-        """Final normed hidden states ``[T, hidden]`` of the packed ``ids``;
-        appends each segment's keys and values to its session's cache.
-
-        The projections, norms, rotary embedding and MLP run once over the
-        packed row (transformers' own modules); attention runs per segment
-        against its session's cache. A decode segment (one id, the common
-        case) needs no mask, and its query heads are regrouped by key/value
-        head (``[kv_heads, heads_per_kv, head_dim]``), so that the kernel reads
-        the cache as it is instead of repeating it for every query head."""
-        backbone = self._guard.model.model
-        device = self._guard.device
-        total = len(ids)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        positions: list[int] = []
-        plan = []
-        for request, start, offset, count in segments:
-            positions.extend(range(start, start + count))
-            # The new tokens see the whole cache and, causally, each other.
-            mask = None if count == 1 else torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
-            plan.append((request.session._cache.layers, offset, count, mask))
-        position_ids = torch.tensor([positions], dtype=torch.long, device=device)
-        config = self._guard.config
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        with _attention_backends(device):
-            hidden = backbone.embed_tokens(input_ids)
-            cos, sin = backbone.rotary_emb(hidden, position_ids)
-            for index, layer in enumerate(backbone.layers[: config.num_hidden_layers]):
-                attention = layer.self_attn
-                head_dim, scale = attention.head_dim, attention.scaling
-                decode_shape = (1, kv_heads, heads // kv_heads, head_dim)
-                residual = hidden
-                normed = layer.input_layernorm(hidden)
-                # [1, T, heads, head_dim]: one token's heads are contiguous.
-                query = attention.q_norm(attention.q_proj(normed).view(1, total, heads, head_dim))
-                key = attention.k_norm(attention.k_proj(normed).view(1, total, kv_heads, head_dim))
-                value = attention.v_proj(normed).view(1, total, kv_heads, head_dim)
-                query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
-                key, value = key.transpose(1, 2), value.transpose(1, 2)  # [1, kv_heads, T, head_dim]
-                outputs = []
-                for layers, offset, count, mask in plan:
-                    end = offset + count
-                    keys, values = layers[index].update(key[:, :, offset:end], value[:, :, offset:end])
-                    if count == 1:
-                        attended = scaled_dot_product_attention(
-                            query[0, offset].reshape(decode_shape), keys, values, scale=scale
-                        )
-                        # reshape, not view: CUDA kernels may return another memory layout.
-                        outputs.append(attended.reshape(1, -1))
-                    else:
-                        chunk = query[:, offset:end].transpose(1, 2)
-                        attended = scaled_dot_product_attention(
-                            chunk, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-                        )
-                        outputs.append(attended[0].transpose(0, 1).reshape(count, -1))
-                attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-                hidden = residual + attention.o_proj(attended.unsqueeze(0))
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            return backbone.norm(hidden)[0]
+    def _forward(self, segments: list[Segment]) -> StepOutput:
+        """One step over every segment (``guard.runner``): caches their ids and judges them."""
+        return self._runner.run(segments)

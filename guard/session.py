@@ -1,10 +1,19 @@
 """GuardSession: one conversation, O(1) model work per appended token.
 
 The session keeps the KV cache of everything it has seen, so appending n ids
-costs one cached forward over those n ids (attention still reads the cached
+costs cached forwards over those n ids (attention still reads the cached
 positions, as any decoder does), never a re-run of the sequence. ``rollback``
 crops the cache and the debounce state together, so the session is exactly as
-it was at that position.
+it was at that position; ``fork`` gives a second session in the same state
+(the cache copied, not recomputed).
+
+A session is a ``GuardEngine``'s session with one stream: its forwards are
+steps of a ``guard.runner.ModelRunner`` (the guard's own, shared by its plain
+sessions one step at a time), its cache a region of that runner's KV pool,
+and its verdict arithmetic runs on the device, so a plain session on CUDA
+takes the engine's path, CUDA graphs included. A call of any size runs in
+steps of at most ``SESSION_CHUNK`` tokens, so the memory a call needs is
+bounded by the chunk, not by the call (a 1 MB text delta is one call).
 
 The response is laid out as the Qwen3 chat template renders the last
 assistant turn (see ``guard.template``), and judged from where upstream's
@@ -29,19 +38,21 @@ threads serves their calls one at a time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import torch
-
 from guard.errors import ContextLengthError, SessionClosedError, SessionStateError, TokenIdError
-from guard.model import GrowableCacheLayer, GuardLogits, new_cache
+from guard.model import GuardLogits
 from guard.policy import SAFE, Debouncer, Policy, Verdict
+from guard.runner import Judged, ModelRunner, Segment
 from guard.template import Prompt, empty_think_tail_ids, encode_conversation, end_of_turn_ids, think_close_ids
+from guard.verdict_math import COLUMNS, verdict_columns
 
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
@@ -50,40 +61,30 @@ __all__ = ["GuardSession"]
 
 logger = logging.getLogger("guard")
 
+#: Tokens per step of a plain session's call: a prompt or an append of any
+#: size runs in steps of at most this many (its memory is the chunk's).
+SESSION_CHUNK = 256
 
-def _best(logits: torch.Tensor, upstream: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probability, index) of the most likely class at each position.
+_Row = tuple[int, str, float, "str | None", "float | None", bool]
 
-    Upstream: ``F.softmax`` on bfloat16 logits gives bfloat16 probabilities
-    and ``torch.max`` takes the first of equal maxima, so classes whose
-    probabilities round to the same bf16 value go to the lower index."""
-    if upstream:
-        return torch.softmax(logits.to(torch.bfloat16), dim=-1).max(dim=-1)
-    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
+
+def _row(
+    position: int, columns: list[float], risk_levels: tuple[str, ...], categories: tuple[str, ...], policy: Policy
+) -> _Row:
+    """A verdict's fields from one row of ``guard.verdict_math`` numbers."""
+    level_index, level_prob, category_index, category_prob = columns[:COLUMNS]
+    level = risk_levels[int(level_index)]
+    category, category_prob = (None, None) if level == SAFE else (categories[int(category_index)], category_prob)
+    return position, level, level_prob, category, category_prob, policy.counts_as_unsafe(level)
 
 
 def _verdicts(
     logits: GuardLogits, first_position: int, risk_levels: tuple[str, ...], categories: tuple[str, ...], policy: Policy
-) -> list[tuple[int, str, float, str | None, float | None, bool]]:
+) -> list[_Row]:
+    """Verdict fields of logits judged outside a step (the arithmetic of the step's)."""
     upstream = policy.upstream_arithmetic(logits.risk_level.dtype)
-    risk_best, risk_index = _best(logits.risk_level, upstream)
-    category_best, category_index = _best(logits.category, upstream)
-    rows = []
-    for offset, (level_index, level_prob, cat_index, cat_prob) in enumerate(
-        zip(
-            risk_index.tolist(),
-            risk_best.float().tolist(),
-            category_index.tolist(),
-            category_best.float().tolist(),
-            strict=True,
-        )
-    ):
-        level = risk_levels[level_index]
-        category, category_prob = (None, None) if level == SAFE else (categories[cat_index], cat_prob)
-        rows.append(
-            (first_position + offset, level, level_prob, category, category_prob, policy.counts_as_unsafe(level))
-        )
-    return rows
+    rows = verdict_columns(logits, upstream).tolist()
+    return [_row(first_position + offset, row, risk_levels, categories, policy) for offset, row in enumerate(rows)]
 
 
 class GuardSession:
@@ -95,10 +96,13 @@ class GuardSession:
     to arrange; a conversation usually belongs to one producer anyway.
     """
 
-    def __init__(self, guard: StreamGuard, policy: Policy | None = None) -> None:
+    def __init__(self, guard: StreamGuard, policy: Policy | None = None, *, runner: ModelRunner | None = None) -> None:
         self._guard = guard
         self.policy = policy or Policy()
-        self._cache = new_cache(guard.config)
+        self._runner = runner or guard._session_runner()
+        self._kv = self._runner.pool.new_region()
+        # A session dropped without close() gives its region back when collected.
+        self._kv_finalizer = weakref.finalize(self, self._runner.pool.release_later, self._kv)
         self._position = 0
         self._response_start: int | None = None
         self._reasoning_start: int | None = None  # right after the scaffold's <think>
@@ -112,14 +116,25 @@ class GuardSession:
         # the public methods.
         self._lock = threading.RLock()
         self.query_verdict: Verdict | None = None
-        #: Logits of the last ``append`` (or of the prompt), for inspection.
-        self.last_logits: GuardLogits | None = None
+        self._last_judged: Judged | None = None
 
     # --- state -----------------------------------------------------------
 
     @property
+    def last_logits(self) -> GuardLogits | None:
+        """Response-head logits of the last call's ids (after the prompt: of
+        the scaffold after the user turn), on the model's device, for inspection."""
+        judged = self._last_judged
+        return None if judged is None else judged.response
+
+    @property
     def guard(self) -> StreamGuard:
         return self._guard
+
+    @property
+    def _upstream(self) -> bool:
+        """Whether this session's verdicts take upstream's bf16 arithmetic (``Policy.arithmetic``)."""
+        return self.policy.upstream_arithmetic(self._guard.dtype)
 
     @property
     def position(self) -> int:
@@ -175,10 +190,27 @@ class GuardSession:
         """(bytes holding cached positions, bytes allocated including growth
         room); (0, 0) once closed."""
         with self._lock:
-            if self._cache is None:
+            if self._closed:
                 return 0, 0
-            layers = [layer for layer in self._cache.layers if isinstance(layer, GrowableCacheLayer)]
-            return sum(layer.used_bytes() for layer in layers), sum(layer.allocated_bytes() for layer in layers)
+            per_token = self._runner.pool.bytes_per_token
+            return self._kv.length * per_token, self._kv.reserved * per_token
+
+    def fork(self) -> GuardSession:
+        """A new session in this one's state: prompt judged, query verdict,
+        position, reasoning state and debounce state; its KV cache a copy of
+        this one's (no forward). The two then go on independently (e.g. to
+        judge several tool calls of one answer without judging the prompt
+        again). On a ``GuardEngine`` it counts against ``max_sessions`` and
+        the KV budget like any session (``EngineCapacityError`` if no room)."""
+        with self._lock:
+            self._check_open()
+            child = self._spawn()
+            try:
+                self._runner.copy_kv(self._kv, child._kv)
+            except BaseException:
+                child.close()
+                raise
+            return child
 
     # --- the conversation -----------------------------------------------
 
@@ -194,16 +226,15 @@ class GuardSession:
                 )
             conversation = encode_conversation(self._guard.tokenizer, prompt)
             self._check_room(len(conversation.ids))
-            model, labels, at = self._guard.model, self._guard.labels, conversation.query_position
+            labels, at = self._guard.labels, conversation.query_position
             with self._step():
-                hidden = self._forward(conversation.ids)
-                query = model.query_logits(hidden[at : at + 1])
-                row = _verdicts(query, at, labels.query_risk_levels, labels.query_categories, self.policy)[0]
-                # The scaffold after the user turn goes through the response
-                # head too; its verdicts belong to no response text.
-                scaffold_logits = model.response_logits(hidden[at + 1 :])
+                judged = self._run(conversation.ids, query=True)
+                query = judged.rows[at][COLUMNS:]
+                row = _row(at, query, labels.query_risk_levels, labels.query_categories, self.policy)
             self.query_verdict = Verdict(*row, past_trained_length=self._past_trained_length(at))
-            self.last_logits = scaffold_logits
+            # The scaffold after the user turn goes through the response
+            # head too; its verdicts belong to no response text.
+            self._last_judged = judged.tail(at + 1)
             self._response_start = conversation.response_start
             self._reasoning_start = conversation.reasoning_start
             self._debouncer = Debouncer(self.policy, self._response_start)
@@ -242,8 +273,7 @@ class GuardSession:
                     f"response_start ({self._response_start}) first"
                 )
             start = self._reasoning_start
-            for layer in self._cache.layers:
-                layer.rewind(start)  # no allocation: this step cannot fail half way
+            self._runner.pool.truncate(self._kv, start)  # no allocation: this step cannot fail half way
             self._position = start
             self._reasoning = True
             self._response_start = start
@@ -267,14 +297,17 @@ class GuardSession:
                 )
             tail = empty_think_tail_ids(self._guard.tokenizer)
             self._check_room(len(tail))
-            start = self._position
+            start, labels = self._position, self._guard.labels
             with self._step():
-                logits = self._guard.model.response_logits(self._forward(tail))
-            rows = _verdicts(logits, start, self._guard.labels.risk_levels, self._guard.labels.categories, self.policy)
+                judged = self._run(tail)
+            rows = [
+                _row(start + offset, columns, labels.risk_levels, labels.categories, self.policy)
+                for offset, columns in enumerate(judged.rows)
+            ]
             self._reasoning = False
             self._response_start = self._position
             self._debouncer = Debouncer(self.policy, self._position)
-            self.last_logits = logits
+            self._last_judged = judged
             return [Verdict(*row, past_trained_length=self._past_trained_length(row[0])) for row in rows]
 
     def end_reasoning(self) -> list[Verdict]:
@@ -343,7 +376,7 @@ class GuardSession:
                         f"cannot roll back to position {position}: it is inside {name} at {at}..{at + 1}; "
                         f"roll back to {at} or before"
                     )
-            self._cache.crop(position - self._position)  # transformers' crop takes -count
+            self._runner.pool.truncate(self._kv, position)
             self._debouncer.rollback(position)
             self._position = position
             if self._finished_at is not None and position <= self._finished_at:
@@ -351,26 +384,12 @@ class GuardSession:
             if self._reasoning_end is not None and position <= self._reasoning_end:
                 self._reasoning_end = None
 
-    def fork(self) -> GuardSession:
-        """A new session whose state equals this one's: the prompt judged, the
-        query verdict, the position, the debounce and the reasoning state, and
-        a copy of the KV cache (no forward). The two go on independently; each
-        must be closed. On an engine, the new session counts against
-        ``max_sessions`` and the KV budget like any other."""
-        with self._lock:
-            self._check_open()
-            twin = self._new_twin()
-            try:
-                twin._copy_state_of(self)
-            except BaseException:
-                twin.close()
-                raise
-            return twin
-
     def close(self) -> None:
         """Free the KV cache; the session cannot be used afterwards."""
         with self._lock:
-            self._cache = None
+            if not self._closed:
+                self._kv_finalizer.detach()
+                self._runner.pool.release(self._kv)
             self._closed = True
 
     def __enter__(self) -> GuardSession:
@@ -380,18 +399,6 @@ class GuardSession:
         self.close()
 
     # --- internals --------------------------------------------------------
-
-    def _new_twin(self) -> GuardSession:
-        return GuardSession(self._guard, self.policy)
-
-    def _copy_state_of(self, other: GuardSession) -> None:
-        self._cache = _copy_cache(other._cache, self._guard.config)
-        for name in ("_position", "_response_start", "_reasoning_start", "_reasoning", "_reasoning_end",
-                     "_finished_at", "_warned_past_trained_length"):  # fmt: skip
-            setattr(self, name, getattr(other, name))
-        self._debouncer = None if other._debouncer is None else _copy_debouncer(other._debouncer)
-        self.query_verdict = other.query_verdict
-        self.last_logits = other.last_logits
 
     def _check_open(self) -> None:
         if self._closed:
@@ -418,16 +425,17 @@ class GuardSession:
         labels = self._guard.labels
         debouncer = self._debouncer
         with self._step():
-            logits = self._guard.model.response_logits(self._forward(batch))
+            judged = self._run(batch)
             verdicts = []
-            for row in _verdicts(logits, first, labels.risk_levels, labels.categories, self.policy):
+            for offset, columns in enumerate(judged.rows):
+                row = _row(first + offset, columns, labels.risk_levels, labels.categories, self.policy)
                 if row[0] >= debouncer.start:
                     flagged, flagged_at = debouncer.observe(row[0], row[1])
                 else:  # before the debounce starts: the "\n" after <think>
                     flagged, flagged_at = False, None
                 past = self._past_trained_length(row[0])
                 verdicts.append(Verdict(*row, flagged=flagged, flagged_at=flagged_at, past_trained_length=past))
-        self.last_logits = logits
+        self._last_judged = judged
         return verdicts
 
     def _check_room(self, count: int) -> None:
@@ -458,49 +466,50 @@ class GuardSession:
 
     @contextmanager
     def _step(self) -> Iterator[None]:
-        """All or nothing: on any exception inside (an out-of-memory while
-        one layer's KV buffer grows, after earlier layers took the new
-        positions; a KeyboardInterrupt), every layer, the position and the
-        debounce state go back to where they were, then the exception goes on.
-        Without this, layers would hold different lengths and every later
-        call would fail with an opaque shape error."""
+        """All or nothing: on any exception inside (an out-of-memory in a
+        step, a KeyboardInterrupt, a later chunk of a long call failing after
+        earlier ones were cached), the cached length, the position and the
+        debounce state go back to where they were, then the exception goes
+        on. A step commits a length only once it completed; this undoes the
+        steps of a call that completed before one failed."""
         position = self._position
-        layers = self._cache.layers
-        lengths = [layer.get_seq_length() for layer in layers]
+        length = self._kv.length
         try:
             yield
         except BaseException:
-            for layer, length in zip(layers, lengths, strict=True):
-                layer.rewind(length)
+            self._runner.pool.truncate(self._kv, length)  # never allocates: cannot fail here
             self._position = position
             if self._debouncer is not None:
                 self._debouncer.rollback(position)
             raise
 
-    @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._guard.device)
-        with self._step():  # atomic on its own too, for callers other than append
-            hidden = self._guard.model.hidden_states(input_ids, self._cache)[0]
-            self._position += len(ids)
-        return hidden
+    def _run(self, ids: list[int], query: bool = False) -> Judged:
+        """Cache ``ids`` and judge them with the response heads (and the query
+        heads if ``query``), in steps of at most ``SESSION_CHUNK`` tokens on
+        the guard's runner; atomic."""
+        parts = []
+        with self._step():
+            for first in range(0, len(ids), SESSION_CHUNK):
+                chunk = ids[first : first + SESSION_CHUNK]
+                parts.append(self._runner.run([Segment(self._kv, chunk, self._upstream, query)]).part(0))
+                self._position += len(chunk)
+        return Judged.concat(parts)
 
+    def _spawn(self) -> GuardSession:
+        """A new session of the same kind in this one's state, its KV cache empty (``fork``)."""
+        child = GuardSession(self._guard, self.policy, runner=self._runner)
+        child._adopt(self)
+        return child
 
-def _copy_cache(cache, config):
-    """A copy of a session's KV cache (its used positions only)."""
-    twin = new_cache(config)
-    for source, layer in zip(cache.layers, twin.layers, strict=True):
-        if source._key_buffer is None:
-            continue
-        layer.device, layer.is_initialized = source.device, True
-        layer._key_buffer = source._key_buffer[..., : source.length, :].clone()
-        layer._value_buffer = source._value_buffer[..., : source.length, :].clone()
-        layer.rewind(source.length)
-    return twin
-
-
-def _copy_debouncer(debouncer: Debouncer) -> Debouncer:
-    twin = Debouncer(debouncer.policy, debouncer.start)
-    twin._levels = list(debouncer._levels)
-    twin._flagged_at = debouncer.flagged_at
-    return twin
+    def _adopt(self, parent: GuardSession) -> None:
+        """Take ``parent``'s state, all but the KV cache."""
+        self._position = parent._position
+        self._response_start = parent._response_start
+        self._reasoning_start = parent._reasoning_start
+        self._reasoning = parent._reasoning
+        self._reasoning_end = parent._reasoning_end
+        self._finished_at = parent._finished_at
+        self._debouncer = copy.deepcopy(parent._debouncer)
+        self._warned_past_trained_length = parent._warned_past_trained_length
+        self.query_verdict = parent.query_verdict
+        self._last_judged = parent._last_judged

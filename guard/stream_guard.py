@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from guard.config import GuardLabels, check_backbone_fields, guard_labels
 from guard.errors import CheckpointError, DtypeError
 from guard.model import Qwen3GuardStream, guard_head_shapes
 from guard.policy import Policy
+from guard.runner import ModelRunner
 from guard.session import GuardSession
 
 __all__ = ["DEFAULT_GUARD", "StreamGuard"]
@@ -281,6 +283,8 @@ class StreamGuard:
                 "use the tokenizer.json that ships with the checkpoint"
             )
         self.vocab_size = vocabulary
+        self._runner: ModelRunner | None = None
+        self._runner_lock = threading.Lock()
 
     @property
     def config(self) -> Qwen3Config:
@@ -308,6 +312,15 @@ class StreamGuard:
     def session(self, policy: Policy | None = None) -> GuardSession:
         """A new conversation."""
         return GuardSession(self, policy)
+
+    def _session_runner(self) -> ModelRunner:
+        """The runner of this guard's plain sessions (made on first use): one
+        KV pool and one set of CUDA graphs for all of them, one step at a time.
+        Serving many conversations at once is a ``GuardEngine``'s work."""
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = ModelRunner(self)
+            return self._runner
 
     @classmethod
     def from_pretrained(

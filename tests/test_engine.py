@@ -188,23 +188,26 @@ call = st.one_of(
 )
 def test_random_interleaved_calls_match_plain_sessions(tiny_guard, prompts, rounds):
     with GuardEngine(tiny_guard, max_batch_tokens=16, prefill_chunk=8, max_wait_ms=1) as engine:
-        sessions = [engine.session() for _ in prompts]
-        calls: list[list[tuple]] = [[] for _ in prompts]
-        said: list[list] = [[[s.moderate_prompt(p)]] for s, p in zip(sessions, prompts, strict=True)]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            for round_calls in rounds:
-                futures = [
-                    pool.submit(play_one, session, call)
-                    for session, call in zip(sessions, round_calls, strict=False)
-                ]
-                for index, future in enumerate(futures):
-                    said[index].append(future.result(TIMEOUT))
-                    calls[index].append(round_calls[index])
-        for prompt, session_calls, session_said in zip(prompts, calls, said, strict=True):
-            plain = tiny_guard.session()
-            assert_same(session_said[0], [plain.moderate_prompt(prompt)])
-            for c, ours in zip(session_calls, session_said[1:], strict=True):
-                assert_same(ours, play_one(plain, c))
+        assert_rounds_match_plain_sessions(engine, prompts, rounds)
+
+
+def assert_rounds_match_plain_sessions(engine: GuardEngine, prompts: list[str], rounds: list[list[tuple]]) -> None:
+    """Play ``rounds`` (one call per session each, made concurrently) on engine
+    sessions; each session's verdicts must be those of a plain session."""
+    sessions = [engine.session() for _ in prompts]
+    calls: list[list[tuple]] = [[] for _ in prompts]
+    said: list[list] = [[[s.moderate_prompt(p)]] for s, p in zip(sessions, prompts, strict=True)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        for round_calls in rounds:
+            futures = [pool.submit(play_one, s, c) for s, c in zip(sessions, round_calls, strict=False)]
+            for index, future in enumerate(futures):
+                said[index].append(future.result(TIMEOUT))
+                calls[index].append(round_calls[index])
+    for prompt, session_calls, session_said in zip(prompts, calls, said, strict=True):
+        plain = engine.guard.session()
+        assert_same(session_said[0], [plain.moderate_prompt(prompt)])
+        for c, ours in zip(session_calls, session_said[1:], strict=True):
+            assert_same(ours, play_one(plain, c))
 
 
 def play_one(session, call: tuple) -> list:
@@ -225,7 +228,7 @@ def test_long_prompt_is_chunked_and_decodes_are_served_meanwhile(tiny_guard):
         streamer.moderate_prompt("hello")
         with ThreadPoolExecutor(1) as pool:
             prompt_future = pool.submit(reader.moderate_prompt, long_prompt)
-            poll(lambda: reader._cache.layers[0].get_seq_length() > 0, "the long prompt to start")
+            poll(lambda: reader._kv.length > 0, "the long prompt to start")
             ids = [random.Random(1).randrange(ORDINARY) for _ in range(6)]
             decoded = [streamer.append(token_id) for token_id in ids]
             # Every decode was served while the prompt was still being prefilled.
@@ -312,8 +315,7 @@ def test_a_failed_batch_fails_its_sessions_only_and_leaves_them_unchanged(tiny_g
     for session, prompt in ((a, "one"), (b, "two"), (c, "three")):
         session.moderate_prompt(prompt)
     a.append([1, 2])
-    before = {id(s): (s.position, s.kv_cache_bytes(), [layer.get_seq_length() for layer in s._cache.layers])
-              for s in (a, b)}  # fmt: skip
+    before = {id(s): (s.position, s.kv_cache_bytes(), s._kv.length) for s in (a, b)}
     release, _ = hold(engine)
     mlp = tiny_guard.model.model.layers[1].mlp
     failures = []
@@ -338,7 +340,7 @@ def test_a_failed_batch_fails_its_sessions_only_and_leaves_them_unchanged(tiny_g
             del mlp.forward
     assert failures and failures[0][1] == 4  # one step held both sessions' ids
     for s in (a, b):
-        assert (s.position, s.kv_cache_bytes(), [layer.get_seq_length() for layer in s._cache.layers]) == before[id(s)]
+        assert (s.position, s.kv_cache_bytes(), s._kv.length) == before[id(s)]
     # The engine keeps serving, and the failed sessions retry as if nothing happened.
     retried = a.append([3, 4, 5])
     later = c.append([7])

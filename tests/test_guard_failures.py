@@ -266,20 +266,21 @@ def fail_once(monkeypatch, target, name, error):
     return calls
 
 
-def layer_lengths(session):
-    return [layer.get_seq_length() for layer in session._cache.layers]
+def cached_length(session):
+    return session._kv.length  # positions its KV region holds, every layer alike
 
 
-# 300 ids make every layer's KV buffer grow (it starts with room for 256).
+# 300 ids: more than one step (SESSION_CHUNK, 256), and more room than the session's region has.
 FIRST, SECOND = IDS, [random.Random(7).randrange(151643) for _ in range(300)]
 
 
 @pytest.mark.parametrize(
     ("where", "error"),
     [
-        ("update", RuntimeError("CUDA out of memory")),
-        ("update", KeyboardInterrupt()),
-        ("_reallocate", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        ("second_layer", RuntimeError("CUDA out of memory")),
+        ("second_layer", KeyboardInterrupt()),
+        ("second_step", RuntimeError("CUDA out of memory")),
+        ("reserve", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
         ("heads", RuntimeError("CUDA out of memory")),
     ],
 )
@@ -290,13 +291,27 @@ def test_a_step_that_fails_half_way_changes_nothing(guard, monkeypatch, where, e
     position, kv_bytes = session.position, session.kv_cache_bytes()[0]
     if where == "heads":
         calls = fail_once(monkeypatch, guard.model, "response_logits", error)
-    else:  # the second layer fails, after the first took the new positions
-        calls = fail_once(monkeypatch, session._cache.layers[1], where, error)
+    elif where == "reserve":  # making room for the new positions (KVPool.reserve is all or nothing)
+        calls = fail_once(monkeypatch, session._runner.pool, "reserve", error)
+    elif where == "second_layer":  # after the first layer wrote the new keys and values
+        calls = fail_once(monkeypatch, guard.model.model.layers[1].mlp, "forward", error)
+    else:  # the call's second step fails after its first step was cached
+        mlp = guard.model.model.layers[1].mlp
+        calls = []
+
+        def second_step_fails(x):
+            calls.append(x.shape[1])
+            if len(calls) == 2:
+                raise error
+            return type(mlp).forward(mlp, x)
+
+        monkeypatch.setattr(mlp, "forward", second_step_fails)
     with pytest.raises(type(error)):
         session.append(SECOND)
     assert calls
+    monkeypatch.undo()
     assert session.position == position
-    assert layer_lengths(session) == [position] * guard.config.num_hidden_layers
+    assert cached_length(session) == position
     assert session.kv_cache_bytes()[0] == kv_bytes
     retried = session.append(SECOND)  # usable afterwards: as if the failed call never happened
 
@@ -309,11 +324,11 @@ def test_a_step_that_fails_half_way_changes_nothing(guard, monkeypatch, where, e
 
 def test_a_prompt_that_fails_half_way_changes_nothing(guard, monkeypatch):
     session = guard.session()
-    fail_once(monkeypatch, session._cache.layers[1], "update", RuntimeError("CUDA out of memory"))
+    fail_once(monkeypatch, guard.model.model.layers[1].mlp, "forward", RuntimeError("CUDA out of memory"))
     with pytest.raises(RuntimeError):
         session.moderate_prompt("hi")
     assert session.position == 0 and session.response_start is None and session.query_verdict is None
-    assert layer_lengths(session) == [0] * guard.config.num_hidden_layers
+    assert cached_length(session) == 0
     verdict = session.moderate_prompt("hi")
     fresh = guard.session()
     assert verdict == fresh.moderate_prompt("hi")
@@ -364,7 +379,7 @@ def test_threads_sharing_a_session_are_served_one_call_at_a_time(tiny_guard):
     positions = [verdict.position for _, verdicts in calls for verdict in verdicts]
     assert positions == list(range(start, start + total))  # no overlap, no gap
     assert session.position == start + total
-    assert layer_lengths(session) == [start + total] * tiny_guard.config.num_hidden_layers
+    assert cached_length(session) == start + total
 
     alone = tiny_guard.session()
     alone.moderate_prompt("Tell me a story")
@@ -408,16 +423,21 @@ def test_rollback_errors_say_what_happened_and_change_nothing(tiny_guard):
     assert_same_verdicts(session.append(IDS), fresh.append(IDS))
 
 
-def test_a_transformers_that_ignores_the_cache_is_refused_not_judged(tiny_guard, monkeypatch):
-    """transformers renamed Qwen3Model.forward's cache argument; passing the
-    name a release does not know is silently swallowed by **kwargs, and every
-    append would be judged without its context."""
-    import guard.model
-
-    monkeypatch.setattr(guard.model, "_CACHE_ARGUMENT", "a_name_no_release_knows")
-    session = tiny_guard.session()
-    with pytest.raises(RuntimeError, match="did not use the guard's KV cache"):
+def test_every_step_reads_the_cached_positions(tiny_guard):
+    """An append is judged with its context: wiping the session's cached keys
+    and values changes the next verdict's logits (a step that ignored the
+    cache would not notice)."""
+    sessions = [tiny_guard.session() for _ in range(2)]
+    for session in sessions:
         session.moderate_prompt("Hello")
+    wiped = sessions[1]._kv
+    with torch.inference_mode():  # the pool's storage is made inside the steps' inference mode
+        sessions[1]._runner.pool.storage[:, :, wiped.base : wiped.base + wiped.length] = 0
+    logits = []
+    for session in sessions:
+        session.append([9707])
+        logits.append(session.last_logits.risk_level)
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
 def test_the_session_really_uses_its_cache(tiny_guard):

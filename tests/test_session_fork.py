@@ -77,5 +77,5 @@ def test_a_fork_counts_against_max_sessions_and_the_kv_budget(tiny_guard):
     budget = int(positions * 1.5) * tiny_guard.kv_bytes_per_token()
     with GuardEngine(tiny_guard, kv_budget_bytes=budget) as engine, engine.session() as parent:
         parent.moderate_prompt(PROMPT)
-        with pytest.raises(EngineCapacityError, match="fork holding"):
+        with pytest.raises(EngineCapacityError, match="a fork of"):
             parent.fork()
