@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
 from guard.policy import Policy, Verdict
-from guard.runner import GraphMode, Judged, ModelRunner, Segment, StepOutput
+from guard.runner import AttentionMode, GraphMode, Judged, ModelRunner, Segment, StepOutput
 from guard.session import GuardSession
 from guard.template import Prompt
 
@@ -229,6 +229,10 @@ class GuardEngine:
     ``graphs``: ``"auto"`` captures the step as CUDA graphs on CUDA (nothing
     elsewhere); ``"eager"`` runs the graphs' fixed-shape code without
     capturing (to test or debug it on any device); ``"off"`` never.
+    ``attention``: the batched decode attention over the KV pool, ``"triton"``
+    (a kernel that reads the pool in place), ``"gather"`` (gathered slots and
+    one masked SDPA) or ``"auto"`` (the kernel on CUDA when triton is
+    installed and serves the model's head size, else the gather).
     """
 
     def __init__(
@@ -241,6 +245,7 @@ class GuardEngine:
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = 256,
         graphs: GraphMode = "auto",
+        attention: AttentionMode = "auto",
     ) -> None:
         for name, value in (
             ("max_batch_tokens", max_batch_tokens),
@@ -265,7 +270,7 @@ class GuardEngine:
                 "use plain sessions (guard.session()) for it"
             )
         self._guard = guard
-        self._runner = ModelRunner(guard, graphs=graphs)
+        self._runner = ModelRunner(guard, graphs=graphs, attention=attention)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.max_sessions = max_sessions

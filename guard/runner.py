@@ -44,6 +44,7 @@ import torch
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from guard.attention import GatheredAttention, attend_in_place, attention_backends
+from guard.decode_attention import TritonDecodeAttention, decode_attention_unsupported
 from guard.kv_pool import KVPool, KVRegion
 from guard.model import GuardLogits
 from guard.step_graphs import StepGraphs
@@ -52,12 +53,16 @@ from guard.verdict_math import verdict_columns
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
 
-__all__ = ["GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
+__all__ = ["AttentionMode", "GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
 
 #: "auto": CUDA graphs on CUDA, none elsewhere; "eager": the graphs' fixed
 #: shapes and static buffers without capturing (any device: for tests and
 #: debugging); "off": never.
 GraphMode = Literal["auto", "eager", "off"]
+#: The batched attention: "triton", the decode kernel reading the pool in
+#: place (``guard.decode_attention``); "gather", ``GatheredAttention``; "auto":
+#: the kernel on CUDA when triton imports and serves the model's head_dim, else the gather.
+AttentionMode = Literal["auto", "triton", "gather"]
 
 #: A session's new tokens in one step, up to this many, go in the batched attention.
 GATHER_SEGMENT_TOKENS = 8
@@ -206,7 +211,9 @@ class _MixedAttention:
     """A step's attention when some segments attend in place: the gathered
     rows in one call, then each in-place segment over its own slice."""
 
-    def __init__(self, gathered: GatheredAttention | None, rows: torch.Tensor | None, plan: StepPlan) -> None:
+    def __init__(
+        self, gathered: GatheredAttention | TritonDecodeAttention | None, rows: torch.Tensor | None, plan: StepPlan
+    ) -> None:
         self.gathered, self.rows, self.in_place, self.total = gathered, rows, plan.in_place, plan.total
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -232,7 +239,14 @@ def span_for(positions: int) -> int:
 class ModelRunner:
     """Runs steps of the guard's model over a KV pool of its own (one at a time: ``lock``)."""
 
-    def __init__(self, guard: StreamGuard, *, graphs: GraphMode = "auto", max_graph_rows: int = 256) -> None:
+    def __init__(
+        self,
+        guard: StreamGuard,
+        *,
+        graphs: GraphMode = "auto",
+        max_graph_rows: int = 256,
+        attention: AttentionMode = "auto",
+    ) -> None:
         if graphs not in ("auto", "eager", "off"):
             raise ValueError(f"graphs must be 'auto', 'eager' or 'off', got {graphs!r}")
         self.model = guard.model
@@ -248,6 +262,24 @@ class ModelRunner:
         capture = graphs == "auto" and cuda
         fixed_shapes = capture or graphs == "eager"
         self.graphs = StepGraphs(self, capture=capture, max_rows=max_graph_rows) if fixed_shapes else None
+        self.attention: Literal["triton", "gather"] = "gather"
+        self.use_attention(attention)
+
+    def use_attention(self, attention: AttentionMode) -> None:
+        """Choose the batched attention (see ``AttentionMode``); drops the graphs captured with the other."""
+        if attention not in ("auto", "triton", "gather"):
+            raise ValueError(f"attention must be 'auto', 'triton' or 'gather', got {attention!r}")
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        unsupported = decode_attention_unsupported(head_dim, self.device)
+        if attention == "triton" and unsupported is not None:
+            raise ValueError(f"attention='triton': {unsupported}; use attention='gather' (or 'auto')")
+        if attention == "auto":
+            attention = "triton" if self.device.type == "cuda" and unsupported is None else "gather"
+        with self.lock:
+            self.attention = attention
+            self.batched_attention = TritonDecodeAttention if attention == "triton" else GatheredAttention
+            if self.graphs is not None:
+                self.graphs.clear()
 
     def run(self, segments: list[Segment]) -> StepOutput:
         with self.lock, torch.inference_mode(), attention_backends(self.device):
@@ -280,7 +312,7 @@ class ModelRunner:
             bases, lengths = integers[BASES], integers[LENGTHS]
             if rows is not None:
                 bases, lengths = bases.index_select(0, rows), lengths.index_select(0, rows)
-            gathered = GatheredAttention(bases, lengths, span_for(plan.longest), self.pool.capacity)
+            gathered = self.batched_attention(bases, lengths, span_for(plan.longest), self.pool.capacity)
         if rows is None and not plan.in_place:
             attend = gathered
         elif gathered is None and len(plan.in_place) == 1:  # one segment (a plain session): no packing to do

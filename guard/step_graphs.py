@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from guard.attention import GatheredAttention
 from guard.model import GuardLogits
 
 if TYPE_CHECKING:
@@ -113,12 +112,16 @@ class StepGraphs:
     def captured(self) -> int:
         return len(self._steps)
 
+    def clear(self) -> None:
+        """Drop every captured step (they are captured again on first use)."""
+        self._steps.clear()
+        self._memory = None
+
     def run(self, plan: StepPlan) -> tuple[list[list[float]], GuardLogits, GuardLogits]:
         """The step's verdict numbers (on the host) and logits (cloned out of the graph's buffers)."""
         pool = self.runner.pool
         if pool.generation != self._generation:  # the storage moved: the graphs read the old one
-            self._steps.clear()
-            self._memory = None
+            self.clear()
             self._generation = pool.generation
         rows, span = row_bucket(plan.total), span_bucket(plan.longest)
         step = self._steps.get((rows, span))
@@ -148,9 +151,10 @@ class StepGraphs:
     def _step(self, rows: int, span: int):
         runner, static, capacity = self.runner, self.static, self.runner.pool.capacity
         ids, positions, slots, bases, lengths, upstream = (static[index, :rows] for index in range(len(_PADDING)))
+        batched_attention = runner.batched_attention
 
         def step() -> tuple[torch.Tensor, GuardLogits, GuardLogits]:
-            attention = GatheredAttention(bases, lengths, span, capacity)
+            attention = batched_attention(bases, lengths, span, capacity)
             hidden = runner.layers(ids, positions, slots, attention)
             return runner.judge(hidden, upstream.bool(), query=True)  # fixed shapes: both heads, always
 
