@@ -25,6 +25,7 @@ forward per token per stream) for comparison.
 
     python benchmarks/engine.py [--streams 1,4,16,64] [--shortest 100 --longest 4000] [--quick]
                                 [--layers 2] [--dtype float32] [--threads N] [--serial] [--checkpoint FOLDER]
+                                [--graphs auto|eager|off] [--attention auto|triton|gather]
 
 On the 2-core CI machine the default run takes about 2 minutes (most of it
 prefilling 130,000 prompt tokens), ``--quick`` about 30 seconds.
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="streams 1,4,16, prompts of 100 to 1000, fewer appends")
     parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
     parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
+    parser.add_argument(
+        "--attention", default="auto", choices=["auto", "triton", "gather"], help="batched attention (GuardEngine)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.streams, args.longest, args.tokens, args.arrival = "1,4,16", 1000, 256, 500
@@ -189,13 +193,19 @@ def main() -> None:
     lengths = prompt_lengths(max(*counts, args.arrival_streams), args.shortest, args.longest)
 
     guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
+    engine = GuardEngine(
+        guard,
+        max_sessions=len(lengths) + 1,
+        max_wait_ms=args.max_wait_ms,
+        graphs=args.graphs,
+        attention=args.attention,
+    )
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} torch threads, graphs={args.graphs}; prompts of {args.shortest} to "
-        f"{args.longest} tokens {'(mixed)' if args.shortest < args.longest else ''}, one id per append, "
-        f"max_wait_ms={args.max_wait_ms}"
+        f"{torch.get_num_threads()} torch threads, graphs={args.graphs}, attention={engine._runner.attention}; "
+        f"prompts of {args.shortest} to {args.longest} tokens {'(mixed)' if args.shortest < args.longest else ''}, "
+        f"one id per append, max_wait_ms={args.max_wait_ms}"
     )
-    engine = GuardEngine(guard, max_sessions=len(lengths) + 1, max_wait_ms=args.max_wait_ms, graphs=args.graphs)
     with engine:
         sessions = [engine.session() for _ in lengths]
         started = time.perf_counter()

@@ -12,7 +12,7 @@ default) is written in the real checkpoint layout and loaded through
 * KV-cache bytes per token, measured, beside 2 × layers × kv_heads × head_dim × bytes.
 
     python benchmarks/guard_session.py [--layers 2] [--dtype float32] [--device cuda] [--far 4000]
-                                       [--checkpoint FOLDER]
+                                       [--checkpoint FOLDER] [--graphs auto|eager|off] [--attention auto|triton|gather]
 
 ``--checkpoint FOLDER`` writes the checkpoint there once and reuses it (a
 28-layer one takes a while to write); by default it goes to a temporary folder.
@@ -74,19 +74,21 @@ def main() -> None:
     parser.add_argument("--far", type=int, default=4000, help="the far position")
     parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
     parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "triton", "gather"], help="batched attention")
     args = parser.parse_args()
 
     guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
+    runner = ModelRunner(guard, graphs=args.graphs, attention=args.attention)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} threads, graphs={args.graphs}"
+        f"{torch.get_num_threads()} threads, graphs={args.graphs}, attention={runner.attention}"
     )
     generator = torch.Generator().manual_seed(0)
     response = torch.randint(0, 151_643, (args.far + 64,), generator=generator).tolist()
 
     # One id at a time, timing every append.
-    session = GuardSession(guard, runner=ModelRunner(guard, graphs=args.graphs))  # guard.session(), graphs chosen
+    session = GuardSession(guard, runner=runner)  # guard.session(), graphs and attention chosen
     session.moderate_prompt("Write me a long story.")
     start = session.response_start
     cost_at: dict[int, float] = {}
