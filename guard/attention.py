@@ -11,6 +11,10 @@ head_dim]`` as the pool holds them, after the step wrote its new tokens:
   heads are grouped by key/value head, ``[rows, kv_heads, group, head_dim]``,
   so the keys are not repeated per query head. No Python loop over sessions;
   the shapes depend only on (rows, span), so a CUDA graph can hold it.
+  On CUDA the runner takes ``guard.decode_attention.TritonDecodeAttention``
+  instead where it can (the same interface): a kernel that reads the pool in
+  place, where the gather copies every row's ``span`` slots first and SDPA
+  reads the copy (about three times the KV traffic).
 * ``attend_in_place``: one session's new tokens over its own slice of the
   pool, no copy; causal among the new tokens. For prompt chunks, and on the
   CPU for every row, where the batched call gains nothing (``guard.runner``).

@@ -4,7 +4,8 @@
 (the same construction from a step's region bases and lengths, the same call
 per layer) that reads each row's keys and values where the pool holds them,
 instead of gathering ``span`` slots per row into a copy first. The gather
-reads the KV once and writes and reads it again; this reads it once.
+reads the KV once and writes and reads it again; this reads it once (for
+every query head grouped on a key/value head).
 
 How it works: the grid is (rows, kv_heads, splits). A program takes one key/
 value head and every query head grouped on it (the group's queries padded to
@@ -18,11 +19,12 @@ row's length has weight zero). The number of splits depends only on (rows,
 span, kv_heads, head_dim, dtype): never on the lengths, and nothing syncs
 with the host, so a CUDA graph can hold it (``guard.step_graphs``).
 
-On CUDA the kernels are compiled by ``triton.jit``; on the CPU (the tests) the
-same Python kernels run under Triton's interpreter, built explicitly here, so
-no environment variable changes how kernels elsewhere in the process compile.
-The interpreter is slow: ``"auto"`` in ``guard.runner`` takes the kernel on
-CUDA only.
+On CUDA the kernels are compiled by ``triton.jit``. On the CPU they run only
+in Triton's interpreter, which triton chooses when it is imported, from
+``TRITON_INTERPRET=1`` (the tests set it in a child process, never where a
+GPU run would see it); it is slow, and its dots multiply 16-bit tensors' raw
+bits, so there the kernel widens them to float32 first (``FLOAT32_DOTS``).
+``"auto"`` in ``guard.runner`` takes the kernel on CUDA only.
 
 Measured: nothing on a GPU yet (``benchmarks/gpu_check.py`` checks it against
 the gather at the real shape and times both); on the CPU the interpreter's

@@ -13,7 +13,10 @@ segments of every waiting session, on the engine's runner). A step:
    layer's new keys and values into the pool with one ``index_copy_``;
    attention (``guard.attention``): the rows of segments of up to
    ``GATHER_SEGMENT_TOKENS`` tokens in one batched call, longer segments
-   (prompt chunks) each in place over their own slice;
+   (prompt chunks) each in place over their own slice. The batched call is
+   ``attention``'s choice: the Triton decode kernel, which reads the pool in
+   place (``guard.decode_attention``; "auto" takes it on CUDA when triton
+   imports and serves the head size), or ``GatheredAttention``;
 4. runs the response heads (and, in a step holding a prompt, the query
    heads) over every row and turns the logits into verdict numbers on the
    device (``guard.verdict_math``), then copies them to the host once;
@@ -30,7 +33,9 @@ rows: 1.0-1.8 ms against 1.2-1.5 ms) and 2-3x more from 200 positions on
 (CPU SDPA's masked path, and the gather's copy: 39 ms for the 66 MB of 16
 rows at 1,000 positions, where the attention itself takes 17 ms), so on the
 CPU only the rest of the step (projections, MLP, heads, verdicts) is batched.
-Tests run the batched path on the CPU too (``in_place_from = None``).
+Tests run the batched path on the CPU too (``in_place_from = None``), the
+Triton kernel in Triton's interpreter. Not measured yet: any of this on a GPU
+(``benchmarks/gpu_check.py`` checks and times it, both attentions).
 """
 
 from __future__ import annotations
