@@ -34,6 +34,7 @@ results are checked against the gather and a per-row SDPA
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -164,22 +165,33 @@ def _decode_combine(partial, lse, output, output_row_stride, splits, BLOCK_S: tl
 
 
 if triton is not None:  # on the CPU, under TRITON_INTERPRET=1 (read when triton is imported), interpreted
+    from triton.runtime.interpreter import InterpretedFunction
+
     _split_kernel = triton.jit(_decode_split)
     _combine_kernel = triton.jit(_decode_combine)
+    _INTERPRETED = isinstance(_split_kernel, InterpretedFunction)
 
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_split_kernel, InterpretedFunction)
+    return triton is not None and _INTERPRETED
 
 
+@functools.cache
+def _refusal(head_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = decode_attention_unsupported(head_dim, device)
+    if reason is None and dtype not in SUPPORTED_DTYPES:
+        reason = f"the Triton decode attention takes float32, bfloat16 or float16, not {dtype}"
+    return reason
+
+
+@functools.cache
 def block_positions(head_dim: int, dtype: torch.dtype) -> int:
     """Positions per loop iteration: ``BLOCK_BYTES`` of keys, 16 to 64 positions."""
     return max(16, min(64, BLOCK_BYTES // (head_dim * dtype.itemsize)))
 
 
+@functools.cache
 def split_plan(rows: int, kv_heads: int, span: int, block_n: int) -> tuple[int, int]:
     """(splits, chunk positions per split): from the static shapes only."""
     blocks = -(-span // block_n)
@@ -204,9 +216,9 @@ class TritonDecodeAttention:
         """``query`` ``[rows, heads, head_dim]`` → ``[rows, heads * head_dim]``, in the query's dtype."""
         rows, heads, head_dim = query.shape
         kv_heads = keys.shape[1]
-        reason = decode_attention_unsupported(head_dim, query.device)
-        if reason is None and query.dtype not in SUPPORTED_DTYPES:
-            reason = f"the Triton decode attention takes float32, bfloat16 or float16, not {query.dtype}"
+        reason = _refusal(head_dim, query.device, query.dtype)
+        if reason is None and keys.dtype != query.dtype:
+            reason = f"keys are {keys.dtype} and queries {query.dtype}: the kernel takes one dtype"
         if reason is not None:
             raise ValueError(reason)
         if query.stride(2) != 1:
@@ -229,7 +241,7 @@ class TritonDecodeAttention:
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
             output.stride(0), self.span, chunk,
             GROUP=group, BLOCK_G=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), BLOCK_N=block_n,
-            HEAD_DIM=head_dim, DIRECT=direct, FLOAT32_DOTS=query.dtype == torch.float32 or interpreting(),
+            HEAD_DIM=head_dim, DIRECT=direct, FLOAT32_DOTS=query.dtype == torch.float32 or _INTERPRETED,
             num_warps=4, num_stages=2,
         )  # fmt: skip
         if not direct:
