@@ -59,6 +59,47 @@ if not KERNEL_HERE:
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
         assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
 
+    @pytest.mark.parametrize(("capability", "dtype"), [(90, "bf16"), (90, "fp32"), (80, "bf16")])
+    def test_the_kernels_compile_for_a_gpu(capability, dtype, tmp_path, monkeypatch):
+        """The interpreter runs the kernels' Python, not Triton's compiler: compile
+        both (to a cubin, with the wheel's ptxas; no GPU needed) at the 0.6B
+        shape (16/8 heads of 128), with one split and with several."""
+        if triton is None:
+            pytest.skip("triton is not installed (the test extra installs it on Linux x86_64)")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from guard import decode_attention
+
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        floats = {"partial": "*fp32", "lse": "*fp32", "bases": "*i64", "lengths": "*i64"}
+        kernels = []
+        for direct in (True, False):
+            kernels.append((decode_attention._split_kernel, {
+                "GROUP": 2, "BLOCK_G": 16, "BLOCK_N": block_positions(128, torch_dtype), "HEAD_DIM": 128,
+                "DIRECT": direct, "FLOAT32_DOTS": dtype == "fp32",
+            }))  # fmt: skip
+        kernels.append((decode_attention._combine_kernel, {"BLOCK_S": 8, "HEAD_DIM": 128}))
+        for kernel, values in kernels:
+            signature = {}
+            for name in kernel.arg_names:
+                if name in values:
+                    signature[name] = "constexpr"
+                elif name in floats:
+                    signature[name] = floats[name]
+                elif name in ("query", "keys", "values", "output"):
+                    signature[name] = f"*{dtype}"
+                else:
+                    signature[name] = "fp32" if name == "scale" else "i32"
+            where = {(kernel.arg_names.index(name),): value for name, value in values.items()}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=where)
+            options = {"num_warps": 4, "num_stages": 2}
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+            assert compiled.asm["cubin"], (kernel.__name__, values)
+            shared = compiled.metadata.shared
+            assert shared <= 227 * 1024, f"{shared} bytes of shared memory: more than a Hopper SM gives a block"
+
     def test_the_runner_refuses_the_kernel_where_it_cannot_run(tiny_guard):
         with pytest.raises(ValueError, match=r"interpreter .*use attention='gather'"):
             ModelRunner(tiny_guard, attention="triton")
