@@ -64,6 +64,12 @@ GATHER_SEGMENT_TOKENS = 8
 #: On the CPU, rows whose cache will hold more positions than this attend in place: all (see the module docstring).
 CPU_IN_PLACE_FROM = 0
 
+#: "auto": the fused layers (``guard.fused``: Triton kernels, stacked
+#: projections) on CUDA when Triton imports, transformers' modules elsewhere;
+#: "on": fused on any device (on the CPU only under Triton's interpreter,
+#: ``TRITON_INTERPRET=1``: for tests); "off": never.
+FusedMode = Literal["auto", "on", "off"]
+
 
 @dataclass(slots=True)
 class Segment:
@@ -232,12 +238,21 @@ def span_for(positions: int) -> int:
 class ModelRunner:
     """Runs steps of the guard's model over a KV pool of its own (one at a time: ``lock``)."""
 
-    def __init__(self, guard: StreamGuard, *, graphs: GraphMode = "auto", max_graph_rows: int = 256) -> None:
+    def __init__(
+        self,
+        guard: StreamGuard,
+        *,
+        graphs: GraphMode = "auto",
+        max_graph_rows: int = 256,
+        fused: FusedMode = "auto",
+    ) -> None:
         if graphs not in ("auto", "eager", "off"):
             raise ValueError(f"graphs must be 'auto', 'eager' or 'off', got {graphs!r}")
         self.model = guard.model
         self.config = guard.config
         self.device = guard.device
+        #: The fused layers (``guard.fused``), or None: transformers' modules, as ``layers`` shows.
+        self.fused = _fused_layers(guard.model, self.device, fused)
         self.pool = KVPool(guard.config, dtype=guard.dtype, device=guard.device)
         #: Held by the thread running a step (and by a fork's copy): the only
         #: code that moves data in the pool.
@@ -297,6 +312,8 @@ class ModelRunner:
         """Final normed hidden states ``[tokens, hidden]`` of the packed ``ids``;
         writes their keys and values into the pool at ``slots``. ``attend(query
         [tokens, heads, head_dim], keys, values, scale)`` reads the pool."""
+        if self.fused is not None:
+            return self.fused(ids, positions, slots, attend, self.pool.storage, self.config.num_hidden_layers)
         backbone = self.model.model
         config = self.config
         total = ids.shape[0]
@@ -332,3 +349,30 @@ class ModelRunner:
             return numbers, response, None
         query_logits = self.model.query_logits(hidden)
         return torch.cat([numbers, verdict_columns(query_logits, upstream)], dim=1), response, query_logits
+
+
+def _fused_layers(model: torch.nn.Module, device: torch.device, mode: FusedMode):
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"fused must be 'auto', 'on' or 'off', got {mode!r}")
+    cuda = device.type == "cuda"
+    if mode != "on" and not cuda:
+        return None
+    try:
+        from guard.fused import INTERPRETED, FusedLayers, stacked_projections, unfusable_reason
+    except ImportError as error:
+        if mode == "on":
+            raise ImportError("fused='on' needs Triton (pip install triton), or pass fused='off'") from error
+        return None
+    reason = unfusable_reason(model)
+    if not cuda and not INTERPRETED:
+        reason = f"the kernels need CUDA, or Triton's interpreter (TRITON_INTERPRET=1) on the {device.type}"
+    if reason is not None:
+        if mode == "on":
+            raise ValueError(f"fused='on' cannot run this model: {reason}; pass fused='off'")
+        return None
+    if mode == "off":
+        # Stack the projections all the same (values unchanged): a fused runner built later would
+        # otherwise move the weights from under this runner's CUDA graphs (``stacked_projections``).
+        stacked_projections(model)
+        return None
+    return FusedLayers(model)
