@@ -1,13 +1,15 @@
 """The guard's layers with fewer kernels: Triton for the pointwise work, one matmul per projection group.
 
-transformers' Qwen3 layer, as ``ModelRunner.layers`` runs it, launches about
-55 kernels per layer at batch 1 (counted with ``benchmarks/fused_check.py``):
-each ``Qwen3RMSNorm`` is six (to fp32, pow, mean, add + rsqrt, mul, to, then
+transformers' Qwen3 layer, as ``ModelRunner.layers`` runs it, launches 58
+kernels per layer for a one-row bf16 decode step (counted by
+``benchmarks/fused_check.py``; 3 of them the gathered attention): each
+``Qwen3RMSNorm`` is eight (to fp32, pow, mean, add, rsqrt, mul, to bf16,
 the weight's mul) and a layer has four (input, q_norm, k_norm,
-post-attention); rotary is six each for q and k; q, k, v, gate and up are
-five matmuls; the residual adds, SiLU and the KV pool writes are more. Inside
-a CUDA graph each still costs 2-3 us, so a 28-layer decode step is bound by
-their count, not by the GPU's arithmetic. Here a layer is
+post-attention); rotary is five each for q and k; q, k, v, o, gate, up and
+down are seven matmuls; the two residual adds, SiLU, its product and the two
+KV pool writes make the rest. Inside a CUDA graph each still costs a few
+microseconds, so a 28-layer decode step is bound by their count, not by
+the GPU's arithmetic. Here a layer is 11 (8 besides attention):
 
 1. ``add_rms_norm``: the previous layer's MLP output added to the residual,
    and the input norm, in one kernel (the first layer: the norm alone);
@@ -19,8 +21,7 @@ their count, not by the GPU's arithmetic. Here a layer is
 5. ``add_rms_norm``: the residual add and the post-attention norm;
 6. one matmul for gate and up, ``silu_mul`` (one kernel), ``down_proj``.
 
-That is seven kernels and three Triton launches besides attention, against
-about 55. The arithmetic is transformers' own, rounding where it rounds:
+The arithmetic is transformers' own, rounding where it rounds:
 RMSNorm's variance and scaling in fp32, cast to the input dtype, then the
 weight's multiply in the input dtype; rotary's ``q * cos``, ``rotate_half(q)
 * sin`` and their sum each rounded to the model's dtype; the residual adds
@@ -28,15 +29,18 @@ and ``silu(gate)`` and ``* up`` in the model's dtype. Each kernel computes
 in fp32 and rounds to the model's dtype at exactly those points, so in bf16
 its outputs equal torch's except where an fp32 result differs in its last
 bits (the variance's summation order, the GPU's approximate ``exp`` and
-``rsqrt``) and that moves a bf16 rounding: one bf16 ulp, rarely.
+``rsqrt``) and that moves a bf16 rounding: one bf16 ulp, rarely. The
+stacked matmuls compute every output from the same row and column as the
+separate ones, but the BLAS may pick another kernel, so another summation
+order, for the wider matrix: the same last-bit kind of difference.
 
 The concatenated weights are built once per model (``stacked_projections``)
 and the model's own ``q_proj``/``k_proj``/``v_proj``/``gate_proj``/``up_proj``
 weights become views into them: same values, no second copy (for the 0.6B
-guard the copy would be 0.58 GB in bf16). Triton is imported here only, and
-this module only when a runner fuses (``ModelRunner(fused=...)``), so that
-the Triton interpreter (``TRITON_INTERPRET=1``, read when a kernel is
-decorated) can run these kernels on the CPU in the tests.
+guard a copy would be 0.59 GB in bf16). ``guard.runner`` imports this module
+only when a runner may fuse (on CUDA, or ``fused="on"``), so that Triton's
+interpreter (``TRITON_INTERPRET=1``, read when a kernel is decorated) can
+run these kernels on the CPU in the tests.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _norm_rope(heads_ptr, count, weight_ptr, eps, cos, sin, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, dtype):
+def _norm_rope(
+    heads_ptr, count, weight_ptr, eps, cos, sin, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, dtype: tl.constexpr
+):
     """``count`` heads ``[count, HEAD_DIM]`` from ``heads_ptr``: ``weight * rms_norm(head)``
     with rotary applied, in transformers' roundings; the offsets and mask of the block."""
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
@@ -170,12 +176,18 @@ INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction)
 # --- launchers ---------------------------------------------------------------------------------------------
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels step over rows by their stride and along a row by 1 (what linear's outputs are)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``Qwen3RMSNorm`` over the last dim of ``x`` ``[rows, width]`` (rows contiguous in their last dim)."""
+    """``Qwen3RMSNorm`` over the last dim of ``x`` ``[rows, width]``."""
+    x = _unit_stride(x)
     rows, width = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
@@ -188,6 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """``hidden = residual + x`` and ``Qwen3RMSNorm(hidden)``, both ``[rows, width]``, in one kernel."""
+    x, residual = _unit_stride(x), _unit_stride(residual)
     rows, width = x.shape
     hidden, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
@@ -216,6 +229,7 @@ def qk_norm_rope_store(
     head_dim]`` at ``slots`` (what ``index_copy_`` did). ``cos``/``sin``:
     ``[tokens, head_dim]``, the model's rotary embedding; ``head_dim`` a
     power of 2 (``unfusable_reason``)."""
+    qkv = _unit_stride(qkv)
     tokens = qkv.shape[0]
     head_dim = keys.shape[2]
     if keys.stride()[1:] != (head_dim, 1) or values.stride() != keys.stride():
@@ -232,6 +246,7 @@ def qk_norm_rope_store(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up`` ``[rows, 2 * width]`` (gate first): ``[rows, width]``."""
+    gate_up = _unit_stride(gate_up)
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty((rows, width))
     block = min(1024, triton.next_power_of_2(width))

@@ -31,6 +31,15 @@ rows: 1.0-1.8 ms against 1.2-1.5 ms) and 2-3x more from 200 positions on
 rows at 1,000 positions, where the attention itself takes 17 ms), so on the
 CPU only the rest of the step (projections, MLP, heads, verdicts) is batched.
 Tests run the batched path on the CPU too (``in_place_from = None``).
+
+On CUDA (``fused="auto"``, when Triton imports) step 3 runs fused
+(``guard.fused``): Triton kernels for RMSNorm with the residual add before
+it, for q_norm, k_norm and rotary with the KV pool write, and for SiLU times
+up; q/k/v and gate/up as one matmul each. 11 kernels per layer for a decode
+row instead of 58 (``benchmarks/fused_check.py`` counts them, and times the
+step both ways on a GPU), in transformers' arithmetic, rounded where it
+rounds. The CPU keeps transformers' modules; the kernels run there only
+under Triton's interpreter, for the tests (``fused="on"``).
 """
 
 from __future__ import annotations
