@@ -283,7 +283,8 @@ def stacked_projections(model: torch.nn.Module) -> list[StackedProjections]:
     memory. ``ModelRunner`` calls it when it is built, on CUDA whether it
     fuses or not, before its first step, so no runner's graph ever saw the
     old storage."""
-    with _STACKING:
+    # Ordinary tensors even when called under inference mode: the model's weights are used outside it too.
+    with _STACKING, torch.inference_mode(False):
         stacked = _STACKED.get(model)
         if stacked is None:
             stacked = _STACKED[model] = [_stack(layer) for layer in model.model.layers]
