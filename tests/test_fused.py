@@ -78,6 +78,36 @@ if not HERE:
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
         assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
 
+    @pytest.mark.parametrize(("capability", "dtype"), [(90, "bf16"), (90, "fp32"), (80, "bf16")])
+    def test_the_kernels_compile_for_a_gpu(capability, dtype, tmp_path, monkeypatch):
+        """The interpreter runs the kernels' Python, not Triton's compiler: compile
+        each (to a cubin, with the wheel's ptxas; no GPU needed) at the 0.6B shape."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from guard import fused
+
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
+        constants = {
+            fused._rms_norm_kernel: {"BLOCK": 1024, "ADD": True},
+            fused._qk_norm_rope_store_kernel: {"HEADS": 16, "KV_HEADS": 8, "HEAD_DIM": 128, "BLOCK_HEADS": 16},
+            fused._silu_mul_kernel: {"BLOCK": 1024},
+        }
+        for kernel, values in constants.items():
+            signature = {}
+            for name in kernel.arg_names:
+                if name in values:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*i64" if name == "slots_ptr" else f"*{dtype}"
+                else:
+                    signature[name] = "fp32" if name.endswith("eps") else "i32"
+            where = {(kernel.arg_names.index(name),): value for name, value in values.items()}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=where)
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+            assert compiled.asm["cubin"], kernel.__name__
+
     def test_the_cpu_runs_transformers_modules_unless_asked(tiny_guard):
         assert ModelRunner(tiny_guard).fused is None  # "auto" on the CPU: today's torch code
         assert ModelRunner(tiny_guard, fused="off").fused is None
