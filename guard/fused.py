@@ -336,6 +336,12 @@ class FusedLayers:
         self.stacked = stacked_projections(model)
 
     def __call__(self, ids, positions, slots, attend, storage, layer_count: int) -> torch.Tensor:
+        if ids.device.type != "cuda" or ids.device.index == torch.cuda.current_device():
+            return self._layers(ids, positions, slots, attend, storage, layer_count)
+        with torch.cuda.device(ids.device):  # Triton launches on the current device, not on its tensors'
+            return self._layers(ids, positions, slots, attend, storage, layer_count)
+
+    def _layers(self, ids, positions, slots, attend, storage, layer_count: int) -> torch.Tensor:
         backbone = self.model.model
         config = self.model.config
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
