@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--attention", default="auto", choices=["auto", "triton", "gather"], help="batched attention (GuardEngine)"
     )
+    parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused layers (GuardEngine)")
     args = parser.parse_args()
     if args.quick:
         args.streams, args.longest, args.tokens, args.arrival = "1,4,16", 1000, 256, 500
@@ -199,10 +200,12 @@ def main() -> None:
         max_wait_ms=args.max_wait_ms,
         graphs=args.graphs,
         attention=args.attention,
+        fused=args.fused,
     )
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} torch threads, graphs={args.graphs}, attention={engine._runner.attention}; "
+        f"{torch.get_num_threads()} torch threads, graphs={args.graphs}, attention={engine._runner.attention}, "
+        f"fused={engine._runner.fused is not None}; "
         f"prompts of {args.shortest} to {args.longest} tokens {'(mixed)' if args.shortest < args.longest else ''}, "
         f"one id per append, max_wait_ms={args.max_wait_ms}"
     )

@@ -6,7 +6,9 @@
    and replayed from a CUDA graph with new lengths; in a child process, so
    that a compile error or a crashed kernel is reported and the rest of the
    run goes on with ``attention="gather"``. A failure counts as failed
-   equivalence.
+   equivalence. Then the fused layers (``benchmarks/fused_check.py``, 2
+   layers, in a child process): if they fail, every runner below runs with
+   ``fused="off"``.
 1. Equivalence, CUDA against the CPU, float32, on the tiny checkpoint: random
    streams (prompts, appends of 1 to 12 ids, rollbacks, forks, end of turn)
    played from threads on a CUDA ``GuardEngine`` with CUDA graphs, on one
@@ -21,12 +23,15 @@
    runs once on the gather.
 2. ``benchmarks/guard_session.py`` and ``benchmarks/engine.py`` at bf16, 28
    layers (the 0.6B shape), prompts of 100 to 1,000 tokens, 1/16/64/256
-   streams; then 64 streams without graphs, and 64 streams on the gather.
+   streams.
 3. The memory floor: decode steps of 64 streams at 4,000 positions (and 64 /
    256 at 1,024), timed on the device, beside (non-embedding weights + the KV
    read once) / 4.3 TB/s, the copy rate measured on these machines; with each
    attention, and each attention alone (28 layers, from a CUDA graph) beside
-   the KV read once.
+   the KV read once. Then the fused layers' decode step against transformers'
+   modules at 28 layers (``benchmarks/fused_check.py``).
+4. 1 and 64 streams without graphs, and 64 on the gather without the fused
+   layers (today's kernels): what each part buys, last because it matters least.
 
 Figures are printed, and each section's wall time; the exit status is 1 if an
 equivalence check failed.
@@ -65,6 +70,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ORDINARY = 151_642
+#: The fused layers of every runner below: "auto" (on, on CUDA) unless the
+#: fused check (section 0) failed, then "off", so that the rest still measures.
+FUSED = "auto"
 TOLERANCE = 1e-3
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy on an H200, bytes read and written
 
@@ -260,6 +268,7 @@ def run_streams(open_session, scripts: list) -> list:
 
 def equivalence(folder: Path, device: str, streams: int, attention: str) -> bool:
     from guard import GuardEngine, StreamGuard
+    from guard.runner import ModelRunner
 
     cpu = StreamGuard.from_pretrained(folder, device="cpu", dtype="float32")
     cuda = StreamGuard.from_pretrained(folder, device=device, dtype="float32")
@@ -281,6 +290,8 @@ def equivalence(folder: Path, device: str, streams: int, attention: str) -> bool
         started = time.perf_counter()
         if graphs is None:
             runner = cuda._session_runner()
+            if FUSED == "off":
+                runner = cuda._runner = ModelRunner(cuda, fused="off")
             runner.use_attention(chosen)
             if device == "cpu":
                 runner.in_place_from = None  # as for the engines below
@@ -288,7 +299,7 @@ def equivalence(folder: Path, device: str, streams: int, attention: str) -> bool
             detail = f"{runner.graphs.captured if runner.graphs is not None else 0} graphs captured"
             name += f", {runner.attention}"
         else:
-            with GuardEngine(cuda, graphs=graphs, max_sessions=64, attention=chosen) as engine:
+            with GuardEngine(cuda, graphs=graphs, max_sessions=64, attention=chosen, fused=FUSED) as engine:
                 name += f", {engine._runner.attention}"
                 if device == "cpu":
                     engine._runner.in_place_from = None  # the CPU attends in place; a dry run takes CUDA's path
@@ -308,7 +319,7 @@ def equivalence(folder: Path, device: str, streams: int, attention: str) -> bool
     cpu16 = StreamGuard.from_pretrained(folder, device="cpu", dtype="bfloat16")
     cuda16 = StreamGuard.from_pretrained(folder, device=device, dtype="bfloat16")
     same = total = 0
-    with GuardEngine(cuda16, attention=attention) as engine:
+    with GuardEngine(cuda16, attention=attention, fused=FUSED) as engine:
         results = run_streams(engine.session, scripts[:8])
         for ours, theirs in zip(results, [play(cpu16.session(), *one) for one in scripts[:8]], strict=True):
             for a, b in zip(ours, theirs, strict=True):
@@ -334,7 +345,7 @@ def realistic_equivalence(device: str, attention: str) -> bool:
     for token in ids[900:]:
         plain.append(token)
     logits.append(plain.last_logits.risk_level)
-    with GuardEngine(cuda, attention=attention) as engine:
+    with GuardEngine(cuda, attention=attention, fused=FUSED) as engine:
         session = engine.session()
         session.moderate_prompt("a long answer")
         session.append(ids[:900])
@@ -362,7 +373,7 @@ def floor(folder: Path, device: str, layers: int, sizes: tuple[tuple[int, int], 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     weights = sum(p.numel() * p.element_size() for name, p in guard.model.named_parameters() if "embed" not in name)
     per_token = guard.kv_bytes_per_token()
-    runner = ModelRunner(guard)  # CUDA graphs
+    runner = ModelRunner(guard, fused=FUSED)  # CUDA graphs
     if device == "cpu":
         runner.in_place_from = None  # a dry run: the batched attention, as on CUDA
     steps = 12 if device == "cuda" else 4
@@ -475,13 +486,15 @@ class Sections:
             self.title = None
 
 
-def benchmark(arguments: list[str], timeout: int) -> None:
+def benchmark(arguments: list[str], timeout: int) -> bool:
+    """Run a script of this folder; True if it exited 0 within ``timeout``."""
     command = [sys.executable, *arguments]
     print("$ " + " ".join(arguments), flush=True)
     try:
-        subprocess.run(command, cwd=ROOT, timeout=timeout, check=False)
+        return subprocess.run(command, cwd=ROOT, timeout=timeout, check=False).returncode == 0
     except subprocess.TimeoutExpired:
         print(f"  (stopped after {timeout} s)")
+        return False
 
 
 def main() -> None:
@@ -526,6 +539,12 @@ def main() -> None:
     else:
         attention = "triton" if args.attention == "triton" or device == "cuda" else "gather"
     print(f"  every engine and session below: attention={attention!r} (asked: {args.attention!r})")
+    global FUSED
+    fused_args = ["--device", device, "--layers", "2", *(["--quick"] if quick else [])]
+    fused_ok = benchmark(["benchmarks/fused_check.py", *fused_args], timeout=150)
+    ok &= fused_ok
+    FUSED = "auto" if fused_ok else "off"
+    print(f"  {'PASS' if fused_ok else 'FAIL'} the fused layers (2 layers); every runner below: fused={FUSED!r}")
 
     sections("1. equivalence: CUDA (float32) against the CPU")
     ok &= guarded(equivalence, tiny, device, 6 if quick else 16, attention)
@@ -535,42 +554,46 @@ def main() -> None:
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              "tests/test_engine.py::test_cuda_engine_matches_a_cpu_session",
              "tests/test_guard_session.py::test_cuda_session_matches_cpu",
-             *(["tests/test_decode_attention.py"] if usable else [])],
+             *(["tests/test_decode_attention.py"] if usable else []),
+             *(["tests/test_fused.py"] if fused_ok else [])],
             cwd=ROOT, timeout=240, check=False,
         )  # fmt: skip
         ok &= done.returncode == 0
         verdict = "PASS" if done.returncode == 0 else "FAIL"
-        print(f"  {verdict} the suite's CUDA tests{', the kernel tests compiled' if usable else ''}")
+        print(f"  {verdict} the suite's CUDA tests (the kernel tests compiled where they passed above)")
 
     layers = 2 if quick else 28
     sections(f"2. benchmarks, bf16, {layers} layers")
     checkpoint = write_realistic_width_checkpoint(work / f"width1024-{layers}", layers)
     print(f"  (checkpoint written, {time.perf_counter() - sections.started:.0f} s so far)", flush=True)
     common = ["--dtype", "bfloat16", "--layers", str(layers), "--device", device, "--checkpoint", str(checkpoint)]
-    benchmark(["benchmarks/guard_session.py", *common, "--attention", attention, "--far", "300" if quick else "1000"],
-              timeout=150)  # fmt: skip
+    chosen = ["--attention", attention, "--fused", FUSED]
+    benchmark(["benchmarks/guard_session.py", *common, *chosen, "--far", "300" if quick else "1000"], timeout=120)
     if quick:
         sizes = ["--streams", "1,4", "--longest", "200", "--arrival", "100", "--rounds", "4", "--tokens", "16",
                  "--arrival-streams", "4"]  # fmt: skip
     else:
         sizes = ["--streams", "1,16,64,256", "--longest", "1000", "--arrival", "500", "--arrival-streams", "64"]
-    benchmark(["benchmarks/engine.py", *common, "--attention", attention, *sizes, "--arrival-chunks", "256"],
-              timeout=240)  # fmt: skip
-    # What the graphs buy (the same steps without them), and what the kernel buys (64 streams on the gather).
-    short = ["--longest", "200", "--rounds", "4", "--tokens", "16"] if quick else [
-        "--longest", "1000", "--tokens", "256"]  # fmt: skip
-    many = "4" if quick else "64"
-    benchmark(["benchmarks/engine.py", *common, "--attention", attention, "--streams", f"1,{many}", *short,
-               "--arrival-chunks", "", "--graphs", "off"], timeout=120)  # fmt: skip
-    if attention != "gather":
-        benchmark(["benchmarks/engine.py", *common, "--attention", "gather", "--streams", many, *short,
-                   "--arrival-chunks", ""], timeout=120)  # fmt: skip
+    benchmark(["benchmarks/engine.py", *common, *chosen, *sizes, "--arrival-chunks", "256"], timeout=200)
 
-    sections("3. decode step against the memory floor")
+    sections("3. decode step against the memory floor; the fused layers' step")
     # Positions cached before the step; its row attends over one more (1,023 + 1 fills a 1,024 bucket).
     sizes_floor = ((4, 63), (8, 100)) if quick else ((64, 1023), (256, 1023), (64, 4000))
     attentions = ["triton", "gather"] if usable else ["gather"]
     guarded(floor, checkpoint, device, layers, sizes_floor, attentions)
+    if fused_ok:
+        benchmark(["benchmarks/fused_check.py", *fused_args[:2], "--layers", str(layers), "--checkpoint",
+                   str(checkpoint), *(["--quick"] if quick else [])], timeout=120)  # fmt: skip
+
+    sections("4. what the graphs and the kernel buy: the same engine steps without them")
+    short = ["--longest", "200", "--rounds", "4", "--tokens", "16"] if quick else [
+        "--longest", "1000", "--tokens", "256"]  # fmt: skip
+    many = "4" if quick else "64"
+    benchmark(["benchmarks/engine.py", *common, *chosen, "--streams", f"1,{many}", *short,
+               "--arrival-chunks", "", "--graphs", "off"], timeout=90)  # fmt: skip
+    if attention != "gather" or FUSED != "off":
+        benchmark(["benchmarks/engine.py", *common, "--attention", "gather", "--fused", "off", "--streams", many,
+                   *short, "--arrival-chunks", ""], timeout=90)  # fmt: skip
     sections.end()
     print(f"\n{'all equivalence checks passed' if ok else 'AN EQUIVALENCE CHECK FAILED'}; "
           f"{time.perf_counter() - sections.started:.0f} s in all")  # fmt: skip

@@ -75,14 +75,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="write the checkpoint here once and reuse it")
     parser.add_argument("--graphs", default="auto", choices=["auto", "eager", "off"], help="CUDA graphs (GuardEngine)")
     parser.add_argument("--attention", default="auto", choices=["auto", "triton", "gather"], help="batched attention")
+    parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused layers (guard.fused)")
     args = parser.parse_args()
 
     guard = realistic_width_guard(args.layers, args.device, args.dtype, args.checkpoint)
     sync = torch.cuda.synchronize if guard.device.type == "cuda" else (lambda: None)
-    runner = ModelRunner(guard, graphs=args.graphs, attention=args.attention)
+    runner = ModelRunner(guard, graphs=args.graphs, attention=args.attention, fused=args.fused)
     print(
         f"model: hidden 1024, {args.layers} layers, vocab {guard.config.vocab_size}, {args.dtype} on {guard.device}, "
-        f"{torch.get_num_threads()} threads, graphs={args.graphs}, attention={runner.attention}"
+        f"{torch.get_num_threads()} threads, graphs={args.graphs}, attention={runner.attention}, "
+        f"fused={runner.fused is not None}"
     )
     generator = torch.Generator().manual_seed(0)
     response = torch.randint(0, 151_643, (args.far + 64,), generator=generator).tolist()

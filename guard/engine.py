@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
 from guard.policy import Policy, Verdict
-from guard.runner import AttentionMode, GraphMode, Judged, ModelRunner, Segment, StepOutput
+from guard.runner import AttentionMode, FusedMode, GraphMode, Judged, ModelRunner, Segment, StepOutput
 from guard.session import GuardSession
 from guard.template import Prompt
 
@@ -233,6 +233,9 @@ class GuardEngine:
     (a kernel that reads the pool in place), ``"gather"`` (gathered slots and
     one masked SDPA) or ``"auto"`` (the kernel on CUDA when triton is
     installed and serves the model's head size, else the gather).
+    ``fused``: ``"auto"`` runs the layers' pointwise work as Triton kernels
+    and the projections stacked on CUDA (``guard.fused``), transformers'
+    modules elsewhere; ``"on"``; ``"off"`` (transformers' modules always).
     """
 
     def __init__(
@@ -246,6 +249,7 @@ class GuardEngine:
         prefill_chunk: int = 256,
         graphs: GraphMode = "auto",
         attention: AttentionMode = "auto",
+        fused: FusedMode = "auto",
     ) -> None:
         for name, value in (
             ("max_batch_tokens", max_batch_tokens),
@@ -270,7 +274,7 @@ class GuardEngine:
                 "use plain sessions (guard.session()) for it"
             )
         self._guard = guard
-        self._runner = ModelRunner(guard, graphs=graphs, attention=attention)
+        self._runner = ModelRunner(guard, graphs=graphs, attention=attention, fused=fused)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.max_sessions = max_sessions

@@ -36,6 +36,15 @@ CPU only the rest of the step (projections, MLP, heads, verdicts) is batched.
 Tests run the batched path on the CPU too (``in_place_from = None``), the
 Triton kernel in Triton's interpreter. Not measured yet: any of this on a GPU
 (``benchmarks/gpu_check.py`` checks and times it, both attentions).
+
+On CUDA (``fused="auto"``, when Triton imports) step 3 runs fused
+(``guard.fused``): Triton kernels for RMSNorm with the residual add before
+it, for q_norm, k_norm and rotary with the KV pool write, and for SiLU times
+up; q/k/v and gate/up as one matmul each. 11 kernels per layer for a decode
+row instead of 58 (``benchmarks/fused_check.py`` counts them, and times the
+step both ways on a GPU), in transformers' arithmetic, rounded where it
+rounds. The CPU keeps transformers' modules; the kernels run there only
+under Triton's interpreter, for the tests (``fused="on"``).
 """
 
 from __future__ import annotations
@@ -73,6 +82,12 @@ AttentionMode = Literal["auto", "triton", "gather"]
 GATHER_SEGMENT_TOKENS = 8
 #: On the CPU, rows whose cache will hold more positions than this attend in place: all (see the module docstring).
 CPU_IN_PLACE_FROM = 0
+
+#: "auto": the fused layers (``guard.fused``: Triton kernels, stacked
+#: projections) on CUDA when Triton imports, transformers' modules elsewhere;
+#: "on": fused on any device (on the CPU only under Triton's interpreter,
+#: ``TRITON_INTERPRET=1``: for tests); "off": never.
+FusedMode = Literal["auto", "on", "off"]
 
 
 @dataclass(slots=True)
@@ -251,12 +266,15 @@ class ModelRunner:
         graphs: GraphMode = "auto",
         max_graph_rows: int = 256,
         attention: AttentionMode = "auto",
+        fused: FusedMode = "auto",
     ) -> None:
         if graphs not in ("auto", "eager", "off"):
             raise ValueError(f"graphs must be 'auto', 'eager' or 'off', got {graphs!r}")
         self.model = guard.model
         self.config = guard.config
         self.device = guard.device
+        #: The fused layers (``guard.fused``), or None: transformers' modules, as ``layers`` shows.
+        self.fused = _fused_layers(guard.model, self.device, fused)
         self.pool = KVPool(guard.config, dtype=guard.dtype, device=guard.device)
         #: Held by the thread running a step (and by a fork's copy): the only
         #: code that moves data in the pool.
@@ -334,6 +352,8 @@ class ModelRunner:
         """Final normed hidden states ``[tokens, hidden]`` of the packed ``ids``;
         writes their keys and values into the pool at ``slots``. ``attend(query
         [tokens, heads, head_dim], keys, values, scale)`` reads the pool."""
+        if self.fused is not None:
+            return self.fused(ids, positions, slots, attend, self.pool.storage, self.config.num_hidden_layers)
         backbone = self.model.model
         config = self.config
         total = ids.shape[0]
@@ -369,3 +389,30 @@ class ModelRunner:
             return numbers, response, None
         query_logits = self.model.query_logits(hidden)
         return torch.cat([numbers, verdict_columns(query_logits, upstream)], dim=1), response, query_logits
+
+
+def _fused_layers(model: torch.nn.Module, device: torch.device, mode: FusedMode):
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"fused must be 'auto', 'on' or 'off', got {mode!r}")
+    cuda = device.type == "cuda"
+    if mode != "on" and not cuda:
+        return None
+    try:
+        from guard.fused import INTERPRETED, FusedLayers, stacked_projections, unfusable_reason
+    except ImportError as error:
+        if mode == "on":
+            raise ImportError("fused='on' needs Triton (pip install triton), or pass fused='off'") from error
+        return None
+    reason = unfusable_reason(model)
+    if not cuda and not INTERPRETED:
+        reason = f"the kernels need CUDA, or Triton's interpreter (TRITON_INTERPRET=1) on the {device.type}"
+    if reason is not None:
+        if mode == "on":
+            raise ValueError(f"fused='on' cannot run this model: {reason}; pass fused='off'")
+        return None
+    if mode == "off":
+        # Stack the projections all the same (values unchanged): a fused runner built later would
+        # otherwise move the weights from under this runner's CUDA graphs (``stacked_projections``).
+        stacked_projections(model)
+        return None
+    return FusedLayers(model)
