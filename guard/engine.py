@@ -231,11 +231,12 @@ class GuardEngine:
     capturing (to test or debug it on any device); ``"off"`` never.
     ``attention``: the batched decode attention over the KV pool, ``"triton"``
     (a kernel that reads the pool in place), ``"gather"`` (gathered slots and
-    one masked SDPA) or ``"auto"`` (the kernel on CUDA when triton is
-    installed and serves the model's head size, else the gather).
-    ``fused``: ``"auto"`` runs the layers' pointwise work as Triton kernels
-    and the projections stacked on CUDA (``guard.fused``), transformers'
-    modules elsewhere; ``"on"``; ``"off"`` (transformers' modules always).
+    one masked SDPA) or ``"auto"`` (the gather, until the kernel has run on
+    a GPU: ``guard.runner.TRITON_BY_DEFAULT``).
+    ``fused``: ``"on"`` runs the layers' pointwise work as Triton kernels and
+    the projections stacked (``guard.fused``; CUDA); ``"off"`` transformers'
+    modules; ``"auto"`` (default) is ``"off"`` until the kernels have run on
+    a GPU (``TRITON_BY_DEFAULT``).
     """
 
     def __init__(

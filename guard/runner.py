@@ -15,8 +15,8 @@ segments of every waiting session, on the engine's runner). A step:
    ``GATHER_SEGMENT_TOKENS`` tokens in one batched call, longer segments
    (prompt chunks) each in place over their own slice. The batched call is
    ``attention``'s choice: the Triton decode kernel, which reads the pool in
-   place (``guard.decode_attention``; "auto" takes it on CUDA when triton
-   imports and serves the head size), or ``GatheredAttention``;
+   place (``guard.decode_attention``; opt-in until it has run on a GPU,
+   see ``TRITON_BY_DEFAULT``), or ``GatheredAttention`` (the default);
 4. runs the response heads (and, in a step holding a prompt, the query
    heads) over every row and turns the logits into verdict numbers on the
    device (``guard.verdict_math``), then copies them to the host once;
@@ -37,7 +37,7 @@ Tests run the batched path on the CPU too (``in_place_from = None``), the
 Triton kernel in Triton's interpreter. Not measured yet: any of this on a GPU
 (``benchmarks/gpu_check.py`` checks and times it, both attentions).
 
-On CUDA (``fused="auto"``, when Triton imports) step 3 runs fused
+With ``fused="on"`` on CUDA (and with "auto" once ``TRITON_BY_DEFAULT``) step 3 runs fused
 (``guard.fused``): Triton kernels for RMSNorm with the residual add before
 it, for q_norm, k_norm and rotary with the KV pool write, and for SiLU times
 up; q/k/v and gate/up as one matmul each. 11 kernels per layer for a decode
@@ -67,15 +67,23 @@ from guard.verdict_math import verdict_columns
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
 
-__all__ = ["AttentionMode", "GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
+__all__ = ["TRITON_BY_DEFAULT", "AttentionMode", "FusedMode", "GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
 
 #: "auto": CUDA graphs on CUDA, none elsewhere; "eager": the graphs' fixed
 #: shapes and static buffers without capturing (any device: for tests and
 #: debugging); "off": never.
 GraphMode = Literal["auto", "eager", "off"]
+#: Whether "auto" takes the Triton kernels (the decode attention and the
+#: fused layers) on CUDA. Not yet: they compile for sm_80 and sm_90 and agree
+#: with torch in Triton's interpreter (tests), but have never run on a GPU, so
+#: until ``benchmarks/gpu_check.py`` has passed on one, a guard computes with
+#: torch's own kernels unless asked (``attention="triton"``, ``fused="on"``).
+TRITON_BY_DEFAULT = False
+
 #: The batched attention: "triton", the decode kernel reading the pool in
 #: place (``guard.decode_attention``); "gather", ``GatheredAttention``; "auto":
-#: the kernel on CUDA when triton imports and serves the model's head_dim, else the gather.
+#: the kernel on CUDA when ``TRITON_BY_DEFAULT`` and triton imports and serves
+#: the model's head_dim, else the gather.
 AttentionMode = Literal["auto", "triton", "gather"]
 
 #: A session's new tokens in one step, up to this many, go in the batched attention.
@@ -84,7 +92,8 @@ GATHER_SEGMENT_TOKENS = 8
 CPU_IN_PLACE_FROM = 0
 
 #: "auto": the fused layers (``guard.fused``: Triton kernels, stacked
-#: projections) on CUDA when Triton imports, transformers' modules elsewhere;
+#: projections) on CUDA when ``TRITON_BY_DEFAULT`` and Triton imports,
+#: transformers' modules elsewhere;
 #: "on": fused on any device (on the CPU only under Triton's interpreter,
 #: ``TRITON_INTERPRET=1``: for tests); "off": never.
 FusedMode = Literal["auto", "on", "off"]
@@ -297,7 +306,8 @@ class ModelRunner:
         if attention == "triton" and unsupported is not None:
             raise ValueError(f"attention='triton': {unsupported}; use attention='gather' (or 'auto')")
         if attention == "auto":
-            attention = "triton" if self.device.type == "cuda" and unsupported is None else "gather"
+            kernel = TRITON_BY_DEFAULT and self.device.type == "cuda" and unsupported is None
+            attention = "triton" if kernel else "gather"
         with self.lock:
             self.attention = attention
             self.batched_attention = TritonDecodeAttention if attention == "triton" else GatheredAttention
@@ -397,6 +407,8 @@ def _fused_layers(model: torch.nn.Module, device: torch.device, mode: FusedMode)
     cuda = device.type == "cuda"
     if mode != "on" and not cuda:
         return None
+    if mode == "auto" and not TRITON_BY_DEFAULT:
+        mode = "off"
     try:
         from guard.fused import INTERPRETED, FusedLayers, stacked_projections, unfusable_reason
     except ImportError as error:
