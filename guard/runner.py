@@ -67,7 +67,9 @@ from guard.verdict_math import verdict_columns
 if TYPE_CHECKING:
     from guard.stream_guard import StreamGuard
 
-__all__ = ["TRITON_BY_DEFAULT", "AttentionMode", "FusedMode", "GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput"]
+__all__ = [
+    "TRITON_BY_DEFAULT", "AttentionMode", "FusedMode", "GraphMode", "Judged", "ModelRunner", "Segment", "StepOutput",
+]  # fmt: skip
 
 #: "auto": CUDA graphs on CUDA, none elsewhere; "eager": the graphs' fixed
 #: shapes and static buffers without capturing (any device: for tests and
