@@ -15,11 +15,7 @@ and 128, float32 and bfloat16), and the runner end to end on the tiny guard.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +35,8 @@ from guard.runner import ModelRunner
 from guard.session import GuardSession
 from tests.test_engine import assert_rounds_match_plain_sessions, assert_same
 from tests.test_engine_pool import ids
+from tests.triton_kernels import assert_passes_in_interpreter, compile_for_gpu
 
-ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 KERNEL_HERE = triton is not None and (CUDA or interpreting())
 DEVICE = "cuda" if CUDA and not interpreting() else "cpu"
@@ -51,13 +47,7 @@ if not KERNEL_HERE:
         """Every test below, in a child process under ``TRITON_INTERPRET=1``."""
         if triton is None:
             pytest.skip("triton is not installed (the test extra installs it on Linux x86_64)")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-        assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
+        assert_passes_in_interpreter(__file__)
 
     @pytest.mark.parametrize(("capability", "dtype"), [(90, "bf16"), (90, "fp32"), (80, "bf16")])
     def test_the_kernels_compile_for_a_gpu(capability, dtype, tmp_path, monkeypatch):
@@ -66,14 +56,12 @@ if not KERNEL_HERE:
         shape (16/8 heads of 128), with one split and with several."""
         if triton is None:
             pytest.skip("triton is not installed (the test extra installs it on Linux x86_64)")
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
         from guard import decode_attention
 
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        floats = {"partial": "*fp32", "lse": "*fp32", "bases": "*i64", "lengths": "*i64"}
+        types = {"partial": "*fp32", "lse": "*fp32", "bases": "*i64", "lengths": "*i64", "scale": "fp32"}
+        types |= {name: f"*{dtype}" for name in ("query", "keys", "values", "output")}
         kernels = []
         for direct in (True, False):
             kernels.append((decode_attention._split_kernel, {
@@ -82,21 +70,8 @@ if not KERNEL_HERE:
             }))  # fmt: skip
         kernels.append((decode_attention._combine_kernel, {"BLOCK_S": 8, "HEAD_DIM": 128}))
         for kernel, values in kernels:
-            signature = {}
-            for name in kernel.arg_names:
-                if name in values:
-                    signature[name] = "constexpr"
-                elif name in floats:
-                    signature[name] = floats[name]
-                elif name in ("query", "keys", "values", "output"):
-                    signature[name] = f"*{dtype}"
-                else:
-                    signature[name] = "fp32" if name == "scale" else "i32"
-            where = {(kernel.arg_names.index(name),): value for name, value in values.items()}
-            source = ASTSource(fn=kernel, signature=signature, constexprs=where)
-            options = {"num_warps": 4, "num_stages": 2}
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-            assert compiled.asm["cubin"], (kernel.__name__, values)
+            every = {name: types.get(name, "i32") for name in kernel.arg_names if name not in values}
+            compiled = compile_for_gpu(kernel, values, every, capability, num_warps=4, num_stages=2)
             shared = compiled.metadata.shared
             assert shared <= 227 * 1024, f"{shared} bytes of shared memory: more than a Hopper SM gives a block"
 

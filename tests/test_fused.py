@@ -20,9 +20,6 @@ cover one token and several, 17 rows, head sizes 16 and 128, widths 64 and
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +34,8 @@ from guard.runner import ModelRunner, Segment
 from guard.session import GuardSession
 from tests.test_engine import assert_same
 from tests.test_engine_pool import ids
+from tests.triton_kernels import assert_passes_in_interpreter, compile_for_gpu
 
-ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -70,22 +67,12 @@ if not HERE:
 
     def test_the_kernels_in_triton_s_interpreter():
         """Every test below, in a child process under ``TRITON_INTERPRET=1``."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-        assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
+        assert_passes_in_interpreter(__file__)
 
     @pytest.mark.parametrize(("capability", "dtype"), [(90, "bf16"), (90, "fp32"), (80, "bf16")])
     def test_the_kernels_compile_for_a_gpu(capability, dtype, tmp_path, monkeypatch):
         """The interpreter runs the kernels' Python, not Triton's compiler: compile
         each (to a cubin, with the wheel's ptxas; no GPU needed) at the 0.6B shape."""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
         from guard import fused
 
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
@@ -95,18 +82,13 @@ if not HERE:
             fused._silu_mul_kernel: {"BLOCK": 1024},
         }
         for kernel, values in constants.items():
-            signature = {}
+            types = {}
             for name in kernel.arg_names:
-                if name in values:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*i64" if name == "slots_ptr" else f"*{dtype}"
+                if name.endswith("_ptr"):
+                    types[name] = "*i64" if name == "slots_ptr" else f"*{dtype}"
                 else:
-                    signature[name] = "fp32" if name.endswith("eps") else "i32"
-            where = {(kernel.arg_names.index(name),): value for name, value in values.items()}
-            source = ASTSource(fn=kernel, signature=signature, constexprs=where)
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
-            assert compiled.asm["cubin"], kernel.__name__
+                    types[name] = "fp32" if name.endswith("eps") else "i32"
+            compile_for_gpu(kernel, values, types, capability, num_warps=4)
 
     def test_the_cpu_runs_transformers_modules_unless_asked(tiny_guard):
         assert ModelRunner(tiny_guard).fused is None  # "auto" on the CPU: today's torch code
