@@ -403,10 +403,14 @@ class GuardEngine:
             raise self._closed_error()
 
     def _kv_tokens(self) -> int:
-        # Positions are read without the sessions' locks: an int read, and a
-        # budget check only needs to be conservative, not exact.
-        held = sum(session.position for session in self._sessions)
-        return held + sum(len(request.ids) for request in (*self._queue, *self._in_flight))
+        # Positions are read without the sessions' locks: int reads, and a
+        # budget check only needs to be conservative, never short. A session's
+        # cache may hold more than its position says: a call's ids from the
+        # step that cached them until its caller's thread takes the verdicts,
+        # the chunks of a prompt being prefilled (those are not counted again),
+        # a failed call's until the session undoes them.
+        held = sum(max(session.position, session._kv.length) for session in self._sessions)
+        return held + sum(len(request.ids) - request.consumed for request in (*self._queue, *self._in_flight))
 
     def _admit(self, policy: Policy | None, parent: EngineSession | None = None) -> EngineSession:
         """A new session, or a fork of ``parent`` (its state, its positions
