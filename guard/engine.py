@@ -35,8 +35,9 @@ duration.
 
 Reliability: a forward that raises fails the calls in that batch (each gets
 ``EngineStepError`` with the cause, and its session stays as it was before the
-call) while the engine keeps serving; a session closed, or an ``*_async`` call
-cancelled, while queued is dropped without touching the others; sessions are
+call) while the engine keeps serving; a session closed, an ``*_async`` call
+cancelled, or a caller interrupted (KeyboardInterrupt) while queued is dropped
+without touching the others (inside the running forward: undone after it); sessions are
 bounded by ``max_sessions`` and their KV cache by ``kv_budget_bytes``, both
 refused at admission with ``EngineCapacityError``; every session has at most
 one call queued (its lock), so the queue is bounded by ``max_sessions``;
@@ -402,10 +403,14 @@ class GuardEngine:
             raise self._closed_error()
 
     def _kv_tokens(self) -> int:
-        # Positions are read without the sessions' locks: an int read, and a
-        # budget check only needs to be conservative, not exact.
-        held = sum(session.position for session in self._sessions)
-        return held + sum(len(request.ids) for request in (*self._queue, *self._in_flight))
+        # Positions are read without the sessions' locks: int reads, and a
+        # budget check only needs to be conservative, never short. A session's
+        # cache may hold more than its position says: a call's ids from the
+        # step that cached them until its caller's thread takes the verdicts,
+        # the chunks of a prompt being prefilled (those are not counted again),
+        # a failed call's until the session undoes them.
+        held = sum(max(session.position, session._kv.length) for session in self._sessions)
+        return held + sum(len(request.ids) - request.consumed for request in (*self._queue, *self._in_flight))
 
     def _admit(self, policy: Policy | None, parent: EngineSession | None = None) -> EngineSession:
         """A new session, or a fork of ``parent`` (its state, its positions
@@ -471,13 +476,13 @@ class GuardEngine:
 
     def _wait(self, request: _Request) -> list[Judged]:
         """What the steps that ran the request's ids said about them, in order."""
-        while not request.done.wait(_LIVENESS_POLL_S):
-            if not self._worker.is_alive():
-                with self._condition:
-                    if not request.done.is_set():
-                        self._complete(request, error=EngineClosedError(
-                            "the guard engine's worker stopped (see the log for why); make a new GuardEngine"
-                        ))  # fmt: skip
+        try:
+            self._wait_done(request)
+        except BaseException:
+            # The caller was interrupted while it waited (a KeyboardInterrupt):
+            # its session undoes the call, so no step may cache the ids later.
+            self._withdraw(request)
+            raise
         if request.error is not None:
             raise request.error
         if request.failure is not None:
@@ -486,6 +491,25 @@ class GuardEngine:
                 "nothing was appended to this session: retry the call, or close the session"
             ) from request.failure
         return request.parts
+
+    def _wait_done(self, request: _Request) -> None:
+        while not request.done.wait(_LIVENESS_POLL_S):
+            if not self._worker.is_alive():
+                with self._condition:
+                    if not request.done.is_set():
+                        self._complete(request, error=EngineClosedError(
+                            "the guard engine's worker stopped (see the log for why); make a new GuardEngine"
+                        ))  # fmt: skip
+
+    def _withdraw(self, request: _Request) -> None:
+        """Take an abandoned request out of the queue, or, if it is inside the
+        running forward, wait for that forward to end (it writes the session's
+        cache), so that the session's undo comes after every change."""
+        self._cancel(
+            lambda queued: queued is request,
+            lambda: _CallCancelled("the call was interrupted while it waited for the guard engine"),
+        )
+        self._wait_done(request)
 
     def _cancel(self, matches: Callable[[_Request], bool], error: Callable[[], BaseException]) -> None:
         """Fail the matching requests: at once if queued; after the running

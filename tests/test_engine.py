@@ -8,6 +8,7 @@ is bounded by a timeout, so a hang fails the test instead of stalling CI.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import random
 import threading
@@ -351,6 +352,56 @@ def test_a_failed_batch_fails_its_sessions_only_and_leaves_them_unchanged(tiny_g
     plain_c = tiny_guard.session()
     plain_c.moderate_prompt("three")
     assert_same(later, plain_c.append([7]))
+
+
+@pytest.mark.parametrize("where", ["queued", "in flight"])
+def test_a_call_interrupted_while_it_waits_leaves_its_session_unchanged(tiny_guard, engine, hold, where):
+    """A KeyboardInterrupt in the caller's thread while its ids wait for the
+    engine (queued, or inside the step running now): the session undoes the
+    call, so the engine must not cache those ids afterwards; the next call
+    judges from the session's position, as a fresh session does."""
+    session = engine.session()
+    session.moderate_prompt("interrupted")
+    first = session.append([5, 6])
+    position = session.position
+    mlp = tiny_guard.model.model.layers[0].mlp
+    gate, entered = threading.Event(), threading.Event()
+    if where == "queued":
+        release, _ = hold(engine)
+        arrived = lambda: engine.pending == 1  # noqa: E731
+    else:
+
+        def held(x):
+            entered.set()
+            assert gate.wait(TIMEOUT), "the test never released the worker"
+            return type(mlp).forward(mlp, x)
+
+        mlp.forward = held
+        release, arrived = gate.set, entered.is_set
+
+    def interrupt() -> None:
+        poll(arrived, "the call to reach the engine")
+        _thread.interrupt_main()  # as Ctrl-C does, in the thread that waits
+        time.sleep(0.5)  # past the caller's next look at its request
+        release()
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            session.append([7, 8, 9])
+            time.sleep(TIMEOUT)  # the interrupt lands here if the call returned first: fails below
+    finally:
+        helper.join(TIMEOUT)
+        gate.set()
+        mlp.__dict__.pop("forward", None)
+    poll(lambda: not engine._in_flight and engine.pending == 0, "the engine to go idle")
+    assert (session.position, session._kv.length) == (position, position)
+    again = session.append([10])
+    plain = tiny_guard.session()
+    plain.moderate_prompt("interrupted")
+    assert_same(first, plain.append([5, 6]))
+    assert_same(again, plain.append([10]))
 
 
 def test_closing_a_queued_session_drops_it_without_touching_others(tiny_guard, engine, hold):

@@ -112,6 +112,29 @@ def test_admission_at_the_kv_budget_is_exact(tiny_guard):
         assert engine.kv_bytes() == (session.position + fork.position) * per_token
 
 
+def test_the_kv_budget_counts_a_call_between_its_step_and_its_return(tiny_guard):
+    """Once the worker has judged a call's ids, they are cached, whether or not
+    the caller's thread has taken the verdicts yet: the budget counts them
+    all the while, so no session is admitted past it meanwhile."""
+    per_token = tiny_guard.kv_bytes_per_token()
+    with GuardEngine(tiny_guard, kv_budget_bytes=60 * per_token, max_sessions=4) as engine:
+        session = engine.session()
+        session.moderate_prompt("budget")
+        wait, seen = engine._wait, []
+
+        def wait_then_look(request):
+            parts = wait(request)  # the step ran; the caller has not taken its verdicts yet
+            seen.append((session._kv.length, engine.kv_bytes()))
+            with pytest.raises(EngineCapacityError, match="a new session needs room"):
+                engine.session()
+            return parts
+
+        engine._wait = wait_then_look
+        session.append(ids(6, 60 - session.position))
+        assert seen == [(60, 60 * per_token)]
+        assert engine.session_count == 1
+
+
 def test_a_fork_counts_against_max_sessions(tiny_guard):
     with GuardEngine(tiny_guard, max_sessions=2) as engine:
         session = engine.session()
