@@ -15,8 +15,6 @@ and 128, float32 and bfloat16), and the runner end to end on the tiny guard.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -34,7 +32,7 @@ from guard.decode_attention import (
 from guard.runner import ModelRunner
 from guard.session import GuardSession
 from tests.test_engine import assert_rounds_match_plain_sessions, assert_same
-from tests.test_engine_pool import ids
+from tests.test_engine_pool import assert_graph_streams_match_plain_sessions, ids
 from tests.triton_kernels import assert_passes_in_interpreter, compile_for_gpu
 
 CUDA = torch.cuda.is_available()
@@ -177,25 +175,9 @@ else:
 
     def test_engine_streams_on_the_kernel_match_plain_sessions(kernel_guard, tiny_guard):
         """Decode steps of several streams, padded to a row bucket, on the graph path's fixed shapes."""
-        streams = [ids(40 + n, 8) for n in range(3)]
         with GuardEngine(kernel_guard, graphs="eager", attention="triton", max_wait_ms=20) as engine:
-            runner = engine._runner
-            runner.in_place_from = None
-            assert runner.attention == "triton"
-            sessions = [engine.session() for _ in streams]
-            for n, session in enumerate(sessions):
-                session.moderate_prompt(f"stream {n}")
-
-            def stream(session, appended):
-                return [verdict for token in appended for verdict in session.append(token)]
-
-            with ThreadPoolExecutor(len(sessions)) as pool:
-                said = list(pool.map(stream, sessions, streams))
-            assert runner.graphs.captured > 0
-        for n, (appended, ours) in enumerate(zip(streams, said, strict=True)):
-            plain = tiny_guard.session()
-            plain.moderate_prompt(f"stream {n}")
-            assert_same(ours, [verdict for token in appended for verdict in plain.append(token)])
+            assert engine._runner.attention == "triton"
+            assert_graph_streams_match_plain_sessions(engine, tiny_guard, [ids(40 + n, 8) for n in range(3)])
 
     def test_a_session_on_the_kernel_matches_a_plain_session_with_rollbacks(kernel_guard, tiny_guard):
         for graphs in ("eager", "off"):  # the fixed-shape path, then the eager step (prompt chunks in place)

@@ -255,25 +255,32 @@ def test_every_step_path_gives_the_plain_sessions_verdicts(tiny_guard, prompts, 
         assert_rounds_match_plain_sessions(engine, prompts, rounds)
 
 
-def test_streams_on_the_graph_path(tiny_guard):
-    """Decode steps of several streams (rows padded to a bucket) on the graph path."""
-    streams = [ids(20 + n, 12) for n in range(5)]
-    with GuardEngine(tiny_guard, graphs="eager", max_wait_ms=20) as engine:
-        engine._runner.in_place_from = None
-        sessions = [engine.session() for _ in streams]
-        for n, session in enumerate(sessions):
-            session.moderate_prompt(f"stream {n}")
+def assert_graph_streams_match_plain_sessions(engine: GuardEngine, reference_guard, streams: list[list[int]]) -> None:
+    """Streams appending one id per call from threads, on ``engine``'s graph
+    path (every row batched, rows padded to a bucket), each equal to a plain
+    session of ``reference_guard``."""
+    runner = engine._runner
+    runner.in_place_from = None
+    sessions = [engine.session() for _ in streams]
+    for n, session in enumerate(sessions):
+        session.moderate_prompt(f"stream {n}")
 
-        def stream(session, appended):
-            return [verdict for token in appended for verdict in session.append(token)]
+    def stream(session, appended):
+        return [verdict for token in appended for verdict in session.append(token)]
 
-        with ThreadPoolExecutor(len(sessions)) as pool:
-            said = list(pool.map(stream, sessions, streams))
-        assert engine._runner.graphs.captured > 0
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        said = list(pool.map(stream, sessions, streams))
+    assert runner.graphs.captured > 0
     for n, (appended, ours) in enumerate(zip(streams, said, strict=True)):
-        plain = tiny_guard.session()
+        plain = reference_guard.session()
         plain.moderate_prompt(f"stream {n}")
         assert_same(ours, [verdict for token in appended for verdict in plain.append(token)])
+
+
+def test_streams_on_the_graph_path(tiny_guard):
+    """Decode steps of several streams (rows padded to a bucket) on the graph path."""
+    with GuardEngine(tiny_guard, graphs="eager", max_wait_ms=20) as engine:
+        assert_graph_streams_match_plain_sessions(engine, tiny_guard, [ids(20 + n, 12) for n in range(5)])
 
 
 def test_a_plain_session_on_the_graph_path(tiny_guard):
