@@ -57,7 +57,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from guard.errors import EngineCapacityError, EngineClosedError, EngineStepError, GuardError, SessionClosedError
+from guard.errors import (
+    EngineCapacityError,
+    EngineClosedError,
+    EngineStepError,
+    GuardError,
+    SessionClosedError,
+    SessionStateError,
+)
 from guard.policy import Policy, Verdict
 from guard.runner import AttentionMode, FusedMode, GraphMode, Judged, ModelRunner, Segment, StepOutput
 from guard.session import GuardSession
@@ -132,6 +139,31 @@ class _Request:
         self.done = threading.Event()
 
 
+class _SessionLock:
+    """An engine session's lock (every call of the session takes it), which
+    refuses the engine's own worker thread: a call from a step listener would
+    wait for the step the worker is in, a hang, so it fails loudly instead."""
+
+    def __init__(self, engine: GuardEngine) -> None:
+        self._engine = engine
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> _SessionLock:
+        self.refuse_the_worker()
+        self._lock.acquire()
+        return self
+
+    def refuse_the_worker(self) -> None:
+        if threading.current_thread() is self._engine._worker:
+            raise SessionStateError(
+                "an engine session was called from the engine's worker thread (a step listener?); it would wait "
+                "for itself: call sessions from your own threads, and keep step listeners to recording figures"
+            )
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 class EngineSession(GuardSession):
     """A ``GuardSession`` served by a ``GuardEngine`` (made by ``engine.session()``).
 
@@ -149,6 +181,7 @@ class EngineSession(GuardSession):
         super().__init__(engine.guard, policy, runner=engine._runner)
         self._engine = engine
         self._closing = False
+        self._lock = _SessionLock(engine)
 
     @property
     def engine(self) -> GuardEngine:
@@ -170,6 +203,7 @@ class EngineSession(GuardSession):
         """Free the KV cache and the engine slot. A call of this session that
         waits in the engine's queue fails with ``SessionClosedError`` (and is
         undone); one inside the running forward is undone when it ends."""
+        self._lock.refuse_the_worker()  # before anything changes
         self._closing = True
         self._engine._cancel(
             lambda request: request.session is self,

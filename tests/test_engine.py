@@ -26,6 +26,7 @@ from guard import (
     EngineStepError,
     GuardEngine,
     SessionClosedError,
+    SessionStateError,
     StreamGuard,
 )
 
@@ -482,6 +483,31 @@ def test_engine_close_fails_pending_calls_and_stops_the_worker(tiny_guard, hold)
 
 
 # --- monitoring -----------------------------------------------------------------------------
+
+
+def test_a_session_called_from_a_step_listener_fails_loudly_instead_of_hanging(engine, caplog):
+    """A step listener runs in the engine's worker: a session call from there
+    would wait for the step the worker is in. It raises, changes nothing, and
+    the engine goes on serving."""
+    session = engine.session()
+    session.moderate_prompt("one")
+    position = session.position
+    raised = []
+
+    def misuse(tokens, sessions, seconds):
+        for call in (lambda: session.append([5]), lambda: session.rollback(position), session.close):
+            try:
+                call()
+            except SessionStateError as error:
+                raised.append(str(error))
+
+    engine.add_step_listener(misuse)
+    verdicts = session.append([1, 2])  # returns: no hang
+    engine.remove_step_listener(misuse)
+    assert len(verdicts) == 2 and session.position == position + 2
+    assert len(raised) == 3 and all("worker thread (a step listener?)" in message for message in raised)
+    assert session.append([3])[0].risk_level is not None  # still open, still served
+    session.close()
 
 
 def test_step_listeners_see_every_forward_and_a_failing_one_harms_nothing(tiny_guard, engine, hold, caplog):
