@@ -381,7 +381,9 @@ class GuardEngine:
         return: the tokens it ran, the sessions they belong to, and its
         duration in seconds (for a step latency histogram, say). Keep it quick:
         those calls and the next step wait for it. An exception it raises is
-        logged (``logging.getLogger("guard.engine")``) and ignored."""
+        logged (``logging.getLogger("guard.engine")``) and ignored. It must not
+        call the engine's sessions (it runs in the worker they would wait for):
+        such a call raises ``SessionStateError``."""
         if not callable(callback):
             raise TypeError(f"a step listener must be callable, got {callback!r}")
         with self._condition:
