@@ -108,7 +108,11 @@ def test_a_safe_answer_streams_whole_and_unchanged(gateway, upstream):
 
 
 def test_a_flagged_answer_is_cut_before_the_flagged_text(gateway, upstream, llama3):
-    text, chunks = stream(gateway, UNSAFE, extra_body={"test_fail": {"delay_ms": 5}})
+    # A long answer after the flag, paced: the generator is still running
+    # when the gateway aborts it, even on a loaded machine (with only the
+    # dozen tokens after the flag, a slow gateway saw the answer complete).
+    script = UNSAFE + " and then" * 150
+    text, chunks = stream(gateway, script, extra_body={"test_fail": {"delay_ms": 10}})
     assert "dyn" not in text and UNSAFE.startswith(text) and text.startswith("Sure. To make")
     assert finish_reasons(chunks) == ["content_filter"]
     last = chunks[-1]
